@@ -1,0 +1,69 @@
+"""``Agent``, ``Tool`` and ``Model``: plain Python classes whose public methods become remote methods.
+
+An actor's name (what stubs and ``nalar call`` use) is its class attribute ``actor_name``, by default
+the class name. Public methods are those not starting with ``_``; ``def`` methods run one at a time on
+the instance's own thread (a pykka actor), ``async def`` methods on the node's event loop.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar
+
+from ..bus.subjects import check_token
+
+_LIFECYCLE = {"on_start", "on_stop"}
+
+
+class Actor:
+    """Base of every actor. Override ``on_start``/``on_stop`` for set-up and tear-down."""
+
+    actor_name: ClassVar[str] = ""
+    kind: ClassVar[str] = "actor"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "actor_name" not in cls.__dict__:
+            cls.actor_name = cls.__name__
+        check_token(cls.actor_name, "actor name")
+
+    def on_start(self) -> None:
+        """Called once in the hosting node before the first call."""
+
+    def on_stop(self) -> None:
+        """Called once when the hosting node stops."""
+
+
+class Agent(Actor):
+    """An agent: orchestrates other actors, usually per session."""
+
+    kind = "agent"
+
+
+class Tool(Actor):
+    """A tool: a function-like service (search, retrieval, code execution)."""
+
+    kind = "tool"
+
+
+class Model(Actor):
+    """A model: wraps an LLM engine (vLLM, an OpenAI-compatible server, a simulation)."""
+
+    kind = "model"
+
+
+def actor_name(target: Any) -> str:
+    if isinstance(target, str):
+        return check_token(target, "actor name")
+    if isinstance(target, type):
+        return str(getattr(target, "actor_name", "") or target.__name__)
+    raise TypeError(f"an actor is named by a string or an actor class, not {type(target).__name__}")
+
+
+def public_methods(cls: type) -> dict[str, bool]:
+    """Public method name -> whether it is ``async def``."""
+    out: dict[str, bool] = {}
+    for name, fn in inspect.getmembers(cls, predicate=inspect.isfunction):
+        if name.startswith("_") or name in _LIFECYCLE:
+            continue
+        out[name] = inspect.iscoroutinefunction(fn)
+    return out

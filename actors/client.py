@@ -1,0 +1,147 @@
+"""The client: how code outside a node (a script, a web handler, the CLI) calls into a deployment.
+
+``nalar.connect(url)`` runs the connection on a background loop, so it works from plain sync code;
+``await nalar.connect_async(url)`` uses the caller's running loop instead (fastest from async code).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+from ..bus import discovery, envelope as env
+from ..bus.connection import ConnectOptions, open_connection
+from ..bus.transport import NatsTransport
+from .loop import LoopThread
+from .runtime import Runtime, current_runtime, set_default_runtime
+from .stub import Stub
+
+
+def resolve_namespace(namespace: str | None) -> str:
+    if namespace:
+        return namespace
+    if os.environ.get("NALAR_NAMESPACE"):
+        return os.environ["NALAR_NAMESPACE"]
+    if not os.environ.get("NALAR_NATS_URL"):
+        running = discovery.find_running()
+        if running and isinstance(running.get("namespace"), str):
+            return str(running["namespace"])
+    return "default"
+
+
+async def gather_status(rt: Runtime, timeout: float = 2.0, quiet: float = 0.3) -> list[dict[str, Any]]:
+    """Ask every node for its status; collect answers until none came for ``quiet`` seconds."""
+    inbox = rt.subjects.inbox(rt.proc, f"status{time.monotonic_ns():x}")
+    out: list[dict[str, Any]] = []
+    got = asyncio.Event()
+
+    def on(subject: str, reply: str, data: bytes, headers: Any) -> None:
+        try:
+            ok, value = env.decode_reply(data)
+        except Exception:
+            rt.count_malformed("status-reply")
+            return
+        if ok and isinstance(value, dict):
+            out.append(value)
+            got.set()
+
+    sub = await rt.transport.subscribe(inbox, on)
+    try:
+        await rt.transport.publish(rt.subjects.status, b"{}", None, inbox)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            got.clear()
+            try:
+                await asyncio.wait_for(got.wait(), min(quiet if out else timeout, end - time.monotonic()))
+            except asyncio.TimeoutError:
+                if out:
+                    break
+    finally:
+        await sub.unsubscribe()
+    return sorted(out, key=lambda s: str(s.get("node")))
+
+
+class Client:
+    """A handle on a deployment: stubs, status, and closing the connection."""
+
+    def __init__(self, runtime: Runtime, loop_thread: LoopThread | None = None, url: str = "") -> None:
+        self.runtime = runtime
+        self.url = url
+        self._lt = loop_thread
+        self._previous_default: Runtime | None = None
+
+    def stub(self, target: Any, **options: Any) -> Stub:
+        """A stub bound to this client: ``client.stub("Echo").echo("hi").result()``."""
+        return Stub(target, self.runtime, **options)
+
+    def status(self, timeout: float = 2.0) -> list[dict[str, Any]]:
+        if self._lt is None:
+            raise RuntimeError("this client runs on your loop: use `await client.status_async()`")
+        return self._lt.run(gather_status(self.runtime, timeout), timeout + 5)
+
+    async def status_async(self, timeout: float = 2.0) -> list[dict[str, Any]]:
+        return await gather_status(self.runtime, timeout)
+
+    def close(self) -> None:
+        if self._lt is None:
+            raise RuntimeError("this client runs on your loop: use `await client.aclose()`")
+        try:
+            self._lt.run(self.runtime.close(), 15)
+        finally:
+            self._lt.stop()
+            self._forget()
+
+    async def aclose(self) -> None:
+        await self.runtime.close()
+        self._forget()
+
+    def _forget(self) -> None:
+        try:
+            if current_runtime() is self.runtime:
+                set_default_runtime(self._previous_default)
+        except Exception:
+            pass
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+async def _open(url: str | None, namespace: str | None, name: str) -> tuple[Runtime, str]:
+    opts = ConnectOptions.resolve(url, name=name)
+    nc = await open_connection(opts)
+    transport = NatsTransport(nc)
+    rt = Runtime(transport, resolve_namespace(namespace), name=name)
+    await rt.start()
+    return rt, transport.connected_url
+
+
+def connect(url: str | None = None, namespace: str | None = None, *, name: str = "nalar-client") -> Client:
+    """Connect from sync code. ``url`` defaults to ``NALAR_NATS_URL`` or the local ``nalar up``."""
+    lt = LoopThread("nalar-client")
+    try:
+        rt, connected = lt.run(_open(url, namespace, name), 30)
+    except BaseException:
+        lt.stop()
+        raise
+    c = Client(rt, lt, connected)
+    c._previous_default = set_default_runtime(rt)
+    return c
+
+
+async def connect_async(url: str | None = None, namespace: str | None = None, *,
+                        name: str = "nalar-client") -> Client:
+    """Connect on the running loop (no extra thread)."""
+    rt, connected = await _open(url, namespace, name)
+    c = Client(rt, None, connected)
+    c._previous_default = set_default_runtime(rt)
+    return c

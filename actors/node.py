@@ -1,0 +1,482 @@
+"""The node runtime: a process that hosts actor instances and serves their calls from the bus.
+
+A node subscribes to ``call.<actor>`` in queue group ``<actor>`` for each actor it hosts, so any
+number of nodes share one actor type's load. Inside the node, calls wait in the actor's queue and are
+bound to an instance only when one has room (late binding): a sync instance (a pykka actor, its own
+thread) runs one call at a time; an instance with ``async def`` methods runs up to
+``max_concurrency`` calls on the node's event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import time
+import traceback
+from collections import deque
+from functools import partial
+from typing import Any
+
+import pykka
+
+from ..bus import envelope as env
+from ..bus import tracing
+from ..bus.errors import MalformedMessage, RemoteError
+from ..bus.subjects import check_token
+from .base import Actor, actor_name, public_methods
+from .context import current_call
+from .deadlines import DeadlineWheel
+from .future import Future
+from .hints import Hints, hints_of
+from .runtime import Runtime
+
+DEFAULT_MAX_QUEUE = 100_000
+
+
+class Call(env.CallMessage):
+    """A call accepted by this node: the wire fields plus where and how it runs."""
+
+    __slots__ = ("group", "inst", "task", "children", "span", "qspan", "otel_ctx", "done")
+
+    def __init__(self) -> None:
+        self.inst: Instance | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.children: list[Future[Any]] | None = None
+        self.span: Any = None
+        self.qspan: Any = None
+        self.otel_ctx: Any = None
+        self.done = False
+
+
+class Instance:
+    __slots__ = ("id", "group", "obj", "host", "running", "limit", "handled")
+
+    def __init__(self, id: str, group: "ActorGroup", obj: Actor, limit: int | None) -> None:
+        self.id = id
+        self.group = group
+        self.obj = obj
+        self.host: pykka.ActorRef[Any] | None = None
+        self.running = 0
+        self.limit = limit
+        self.handled = 0
+
+
+class ActorGroup:
+    """All instances of one actor type on this node, and the calls waiting for one of them."""
+
+    def __init__(self, cls: type, hints: Hints) -> None:
+        self.name = actor_name(cls)
+        self.cls = cls
+        self.hints = hints
+        self.methods = public_methods(cls)
+        self.has_async = any(self.methods.values())
+        self.has_sync = not all(self.methods.values())
+        self.instances: list[Instance] = []
+        self.queue: deque[Call] = deque()
+        self.done = 0
+        self.failed = 0
+
+
+class _Host(pykka.ThreadingActor):
+    """The pykka actor behind a sync instance: its mailbox serialises the instance's calls."""
+
+    def __init__(self, node: "Node", inst: Instance) -> None:
+        super().__init__()
+        self._node = node
+        self._inst = inst
+
+    def on_start(self) -> None:
+        self._inst.obj.on_start()
+
+    def on_stop(self) -> None:
+        self._inst.obj.on_stop()
+
+    def on_receive(self, message: Any) -> Any:
+        self._node._run_sync(self._inst, message)
+
+
+def default_node_name() -> str:
+    host = re.sub(r"[^A-Za-z0-9_\-]", "-", socket.gethostname())[:40] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def error_dict(e: BaseException, actor: str, method: str, fid: str) -> dict[str, Any]:
+    """The wire form of an exception raised by user code (with its traceback and nested chain)."""
+    if isinstance(e, RemoteError):
+        d = e.to_dict()
+        return {"kind": "error", "type": e.type, "message": e.message, "actor": actor, "method": method,
+                "traceback": "".join(traceback.format_exception(e)), "chain": [d] + list(e.chain),
+                "future_id": fid}
+    return {"kind": "error", "type": type(e).__qualname__, "message": str(e), "actor": actor,
+            "method": method, "traceback": "".join(traceback.format_exception(e)), "chain": [],
+            "future_id": fid}
+
+
+def _err(kind: str, type_: str, message: str, c: Call) -> dict[str, Any]:
+    actor = c.group.name if getattr(c, "group", None) is not None else ""
+    return {"kind": kind, "type": type_, "message": message, "actor": actor,
+            "method": getattr(c, "method", ""), "traceback": "", "chain": [], "future_id": c.id}
+
+
+class Node:
+    """Hosts instances of the given actor classes and serves them over the runtime's bus."""
+
+    def __init__(self, runtime: Runtime, actors: list[tuple[type, int | None]], name: str | None = None,
+                 max_queue: int = DEFAULT_MAX_QUEUE) -> None:
+        self.rt = runtime
+        self.name = check_token(name or default_node_name(), "node name")
+        self.max_queue = max_queue
+        self.groups: dict[str, ActorGroup] = {}
+        self.active: dict[str, Call] = {}
+        self._specs = actors
+        self._subs: list[Any] = []
+        self._call_subs: list[Any] = []
+        self._idle = asyncio.Event()
+        self._wheel = DeadlineWheel(self._expire)
+        self.started = time.time()
+        self.counters = {"received": 0, "done": 0, "failed": 0, "cancelled": 0, "expired": 0, "rejected": 0}
+        for cls, count in actors:
+            self._add_group(cls, count)
+
+    def _add_group(self, cls: type, count: int | None) -> None:
+        if not (isinstance(cls, type) and issubclass(cls, Actor)):
+            raise TypeError(f"{cls!r} is not an actor class (subclass nalar.Agent, nalar.Tool or nalar.Model)")
+        h = hints_of(cls)
+        n = h.min_instances if count is None else count
+        n = max(n, 1)
+        if h.max_instances is not None and n > h.max_instances:
+            raise ValueError(f"{cls.__name__}: {n} instances asked for, but its max_instances hint is "
+                             f"{h.max_instances}")
+        g = ActorGroup(cls, h)
+        if g.name in self.groups:
+            raise ValueError(f"actor {g.name!r} is listed twice")
+        if not g.methods:
+            raise ValueError(f"{cls.__name__} has no public methods to serve")
+        limit = h.concurrency_for(g.has_async)
+        for i in range(n):
+            g.instances.append(Instance(f"{g.name}-{self.name}-{i}", g, cls(), limit))
+        self.groups[g.name] = g
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        rt = self.rt
+        for g in self.groups.values():
+            for inst in g.instances:
+                if g.has_sync:
+                    inst.host = _Host.start(self, inst)
+                else:
+                    inst.obj.on_start()
+        sub = rt.transport.subscribe
+        for g in self.groups.values():
+            s = await sub(rt.subjects.call(g.name), partial(self._on_call, g), queue=g.name)
+            self._call_subs.append(s)
+        self._subs.append(await sub(rt.subjects.cancel, self._on_cancel))
+        self._subs.append(await sub(rt.subjects.status, self._on_status))
+        self._subs.append(await sub(rt.subjects.node(self.name), self._on_control))
+        await rt.transport.flush()
+
+    def subscriptions(self) -> list[str]:
+        s = self.rt.subjects
+        return ([s.call(g) for g in self.groups] + [s.cancel, s.status, s.node(self.name)]
+                + self.rt.subscriptions())
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop taking calls, let running ones finish for up to ``grace`` seconds, then stop instances."""
+        for s in self._call_subs:
+            try:
+                await s.unsubscribe()
+            except Exception:
+                pass
+        self._call_subs.clear()
+        if self.active:
+            self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace)
+            except asyncio.TimeoutError:
+                pass
+        self._wheel.stop()
+        for g in self.groups.values():
+            for inst in g.instances:
+                if inst.host is not None:
+                    await asyncio.get_running_loop().run_in_executor(None, partial(inst.host.stop, timeout=grace))
+                else:
+                    try:
+                        inst.obj.on_stop()
+                    except Exception:
+                        pass
+        for s in self._subs:
+            try:
+                await s.unsubscribe()
+            except Exception:
+                pass
+        await self.rt.close()
+
+    # -- serving calls ----------------------------------------------------------------------------
+    def _on_call(self, g: ActorGroup, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        try:
+            c = env.decode_call(data, headers, reply, Call)
+        except MalformedMessage as e:
+            self.rt.count_malformed("call")
+            if reply:
+                self.rt.send(reply, env.encode_error({"kind": "bad_request", "type": "MalformedMessage",
+                                                      "message": str(e), "actor": g.name}))
+            return
+        c.group = g
+        self.counters["received"] += 1
+        if c.method not in g.methods:
+            self._reject(c, "unknown_method", "UnknownMethod",
+                         f"actor {g.name!r} has no method {c.method!r}; it has {sorted(g.methods)}")
+            return
+        if c.deadline and c.deadline <= time.time():
+            self._reject(c, "deadline", "DeadlineExceeded", "the call's deadline passed before it arrived")
+            return
+        if len(g.queue) >= self.max_queue:
+            self._reject(c, "overloaded", "Overloaded",
+                         f"actor {g.name!r} on node {self.name} has {len(g.queue)} calls queued (max {self.max_queue})")
+            return
+        if tracing.TRACER is not None:
+            self._trace_receive(c)
+        self.active[c.id] = c
+        if c.deadline:
+            self._wheel.add(c.deadline, c)
+        inst = self._pick(g) if not g.queue else None
+        if inst is None:
+            g.queue.append(c)
+        else:
+            self._dispatch(inst, c)
+
+    def _reject(self, c: Call, kind: str, type_: str, message: str) -> None:
+        self.counters["rejected"] += 1
+        if c.reply:
+            self.rt.send(c.reply, env.encode_error(_err(kind, type_, message, c)), {env.H_ID: c.id})
+
+    @staticmethod
+    def _pick(g: ActorGroup) -> Instance | None:
+        best = None
+        for inst in g.instances:
+            if inst.limit is None or inst.running < inst.limit:
+                if inst.running == 0:
+                    return inst
+                if best is None or inst.running < best.running:
+                    best = inst
+        return best
+
+    def _dispatch(self, inst: Instance, c: Call) -> None:
+        c.inst = inst
+        inst.running += 1
+        if c.qspan is not None:
+            c.qspan.end()
+            c.qspan = None
+        if inst.group.methods[c.method]:
+            c.task = asyncio.get_running_loop().create_task(self._run_async(inst, c))
+        else:
+            assert inst.host is not None
+            inst.host.tell(c)
+
+    def _pump(self, g: ActorGroup) -> None:
+        q = g.queue
+        while q:
+            inst = self._pick(g)
+            if inst is None:
+                return
+            c = q.popleft()
+            if not c.done:
+                self._dispatch(inst, c)
+
+    async def _run_async(self, inst: Instance, c: Call) -> None:
+        current_call.set(c)
+        try:
+            value = await getattr(inst.obj, c.method)(*c.args, **c.kwargs)
+            ok = True
+        except asyncio.CancelledError:
+            value, ok = None, False
+        except Exception as e:
+            value, ok = error_dict(e, inst.group.name, c.method, c.id), False
+        self._complete(inst, c, ok, value)
+
+    def _run_sync(self, inst: Instance, c: Call) -> None:
+        """Runs on the instance's own thread."""
+        if c.done:  # cancelled or expired while it sat in the mailbox
+            self.rt.post(self._complete, inst, c, False, None)
+            return
+        token = current_call.set(c)
+        try:
+            value = getattr(inst.obj, c.method)(*c.args, **c.kwargs)
+            ok = True
+        except Exception as e:
+            value, ok = error_dict(e, inst.group.name, c.method, c.id), False
+        finally:
+            current_call.reset(token)
+        self.rt.post(self._complete, inst, c, ok, value)
+
+    def _complete(self, inst: Instance, c: Call, ok: bool, value: Any) -> None:
+        inst.running -= 1
+        inst.handled += 1
+        if not c.done:
+            if ok and isinstance(value, Future):
+                value.add_done_callback(partial(self._chained, c))
+            else:
+                self._finish(c, ok, value)
+        if inst.group.queue:
+            self._pump(inst.group)
+
+    def _chained(self, c: Call, f: Future[Any]) -> None:
+        """The method returned a future: its value (or error) becomes this call's."""
+        if not self.rt.on_loop():
+            self.rt.post(self._chained, c, f)
+            return
+        if f._state == 1:
+            self._finish(c, True, f._value)
+        else:
+            err = f._value
+            d = (error_dict(err, c.group.name, c.method, c.id) if isinstance(err, BaseException)
+                 else _err("error", "Exception", str(err), c))
+            self._finish(c, False, d)
+
+    def _finish(self, c: Call, ok: bool, value: Any) -> None:
+        if c.done:
+            return
+        c.done = True
+        c.children = None
+        self.active.pop(c.id, None)
+        g = c.group
+        if ok:
+            try:
+                data = env.encode_result(value)
+                limit = self.rt.transport.max_payload
+                if limit and len(data) > limit:
+                    raise ValueError(f"the result of {g.name}.{c.method} is {len(data)} bytes, over the NATS "
+                                     f"server's max_payload of {limit}")
+            except (TypeError, ValueError) as e:
+                ok, value = False, _err("error", type(e).__name__, str(e), c)
+        if ok:
+            self.counters["done"] += 1
+            g.done += 1
+        else:
+            if value is None:
+                value = _err("cancelled", "Cancelled", "cancelled", c)
+            data = env.encode_error(value)
+            self.counters["failed"] += 1
+            g.failed += 1
+        if c.reply:
+            self.rt.send(c.reply, data, {env.H_ID: c.id})
+        if c.span is not None:
+            self._trace_finish(c, ok, value)
+        if not self.active:
+            self._idle.set()
+
+    # -- cancellation and deadlines ----------------------------------------------------------------
+    def _abort(self, c: Call, kind: str, type_: str, message: str) -> None:
+        if c.done:
+            return
+        if c.inst is None:
+            try:
+                c.group.queue.remove(c)
+            except ValueError:
+                pass
+        elif c.task is not None:
+            c.task.cancel()
+        children = c.children
+        self._finish(c, False, _err(kind, type_, message, c))
+        for child in children or ():
+            child.cancel()
+
+    def _expire(self, c: Call) -> None:
+        if not c.done:
+            self.counters["expired"] += 1
+            self._abort(c, "deadline", "DeadlineExceeded", "the call's deadline passed while it was queued or running")
+
+    def _on_cancel(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        try:
+            body = env.decode_json_object(data, "cancel")
+            ids = body.get("ids")
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise MalformedMessage("cancel body must be {'ids': [future ids]}")
+        except MalformedMessage as e:
+            self.rt.count_malformed("cancel")
+            if reply:
+                self.rt.send(reply, env.encode_error({"kind": "bad_request", "type": "MalformedMessage",
+                                                      "message": str(e)}))
+            return
+        for fid in ids:
+            c = self.active.get(fid)
+            if c is not None:
+                self.counters["cancelled"] += 1
+                self._abort(c, "cancelled", "Cancelled", "cancelled by its caller")
+
+    # -- status and control --------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        actors = {}
+        for g in self.groups.values():
+            actors[g.name] = {
+                "kind": getattr(g.cls, "kind", "actor"),
+                "class": f"{g.cls.__module__}:{g.cls.__qualname__}",
+                "hints": g.hints.to_dict(),
+                "methods": sorted(g.methods),
+                "queued": len(g.queue),
+                "running": sum(i.running for i in g.instances),
+                "done": g.done,
+                "failed": g.failed,
+                "instances": [{"id": i.id, "running": i.running, "limit": i.limit, "handled": i.handled}
+                              for i in g.instances],
+            }
+        return {
+            "node": self.name, "pid": os.getpid(), "host": socket.gethostname(), "namespace": self.rt.subjects.ns,
+            "uptime_s": round(time.time() - self.started, 3), "actors": actors,
+            "in_flight": len(self.active), "pending_outgoing": len(self.rt.pending),
+            "counters": dict(self.counters, **self.rt.counters), "malformed": dict(self.rt.malformed),
+            "subjects": self.subscriptions(), "tracing": tracing.TRACER is not None,
+        }
+
+    def _on_status(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        self._answer("status", reply, data, lambda body: self.status())
+
+    def _on_control(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        def handle(body: dict[str, Any]) -> Any:
+            op = body.get("op")
+            if op == "status":
+                return self.status()
+            if op == "ping":
+                return {"node": self.name, "pong": True}
+            raise MalformedMessage(f"unknown control op {op!r}; known: status, ping")
+        self._answer("control", reply, data, handle)
+
+    def _answer(self, where: str, reply: str, data: bytes, fn: Any) -> None:
+        try:
+            body = env.decode_json_object(data, where)
+            out = env.encode_result(fn(body))
+        except MalformedMessage as e:
+            self.rt.count_malformed(where)
+            if reply:
+                self.rt.send(reply, env.encode_error({"kind": "bad_request", "type": "MalformedMessage",
+                                                      "message": str(e)}))
+            return
+        if reply:
+            self.rt.send(reply, out)
+
+    # -- tracing ------------------------------------------------------------------------------------
+    def _trace_receive(self, c: Call) -> None:
+        from opentelemetry.trace import SpanKind
+
+        parent = tracing.context_from(c.traceparent)
+        c.span = tracing.TRACER.start_span(
+            f"{c.group.name}.{c.method}", context=parent, kind=SpanKind.SERVER,
+            attributes={"nalar.future": c.id, "nalar.actor": c.group.name, "nalar.method": c.method,
+                        "nalar.node": self.name, "nalar.request": c.request,
+                        **({"nalar.session": c.session} if c.session else {})})
+        c.otel_ctx = tracing.context_of(c.span)
+        c.qspan = tracing.TRACER.start_span("queue", context=c.otel_ctx)
+
+    def _trace_finish(self, c: Call, ok: bool, value: Any) -> None:
+        if c.qspan is not None:
+            c.qspan.end()
+            c.qspan = None
+        span, c.span = c.span, None
+        if c.inst is not None:
+            span.set_attribute("nalar.instance", c.inst.id)
+        if not ok:
+            from opentelemetry.trace import Status, StatusCode
+
+            span.set_status(Status(StatusCode.ERROR, f"{value.get('type')}: {str(value.get('message'))[:200]}"))
+        span.end()

@@ -1,0 +1,312 @@
+"""The per-process runtime: one bus connection, the table of pending futures, replies and deadlines.
+
+Every process that makes calls has one: a client (``nalar.connect``), a node (which adds serving on
+top), or local mode. It is driven by one asyncio loop; other threads (pykka actors, user threads) hand
+work to it through ``post``, which wakes the loop once per burst rather than once per message.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from typing import Any, Callable
+
+from ..bus import envelope as env
+from ..bus import tracing
+from ..bus.errors import (BadRequest, Cancelled, DeadlineExceeded, DependencyFailed, MalformedMessage,
+                          NalarError, PayloadTooLarge, RemoteError, UnknownActor, error_from_dict)
+from ..bus.subjects import Subjects
+from ..bus.transport import NO_RESPONDERS, STATUS_HEADER, Transport
+from .context import current_call
+from .deadlines import DeadlineWheel
+from .future import _LOCK, DONE, FAILED, LOOP_THREADS, PENDING, Future
+
+DEFAULT_TIMEOUT = 300.0
+_INHERIT: Any = object()
+_default_runtime: "Runtime | None" = None
+
+
+def default_timeout() -> float:
+    try:
+        return float(os.environ.get("NALAR_DEFAULT_TIMEOUT", DEFAULT_TIMEOUT))
+    except ValueError:
+        return DEFAULT_TIMEOUT
+
+
+def current_runtime() -> "Runtime":
+    """The runtime that stubs without an explicit one use: the node's, the client's or local mode's."""
+    if _default_runtime is None:
+        raise NalarError("no nalar runtime in this process: call nalar.connect() or use nalar.local(...)")
+    return _default_runtime
+
+
+def set_default_runtime(rt: "Runtime | None") -> "Runtime | None":
+    global _default_runtime
+    old, _default_runtime = _default_runtime, rt
+    return old
+
+
+class Runtime:
+    """Sends calls, resolves their futures from replies, enforces deadlines, propagates cancellation."""
+
+    def __init__(self, transport: Transport, namespace: str = "default", name: str = "client") -> None:
+        self.transport = transport
+        self.subjects = Subjects(namespace)
+        self.name = name
+        self.proc = secrets.token_hex(4)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.loop_thread = 0
+        self.pending: dict[str, Future[Any]] = {}
+        self._ids = itertools.count(1)
+        self._reply_prefix = self.subjects.reply_prefix(self.proc)
+        self._plen = len(self._reply_prefix)
+        self._out: deque[tuple[str, bytes, dict[str, str] | None, str]] = deque()
+        self._draining = False
+        self._posted: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        self._post_lock = threading.Lock()
+        self._wheel = DeadlineWheel(self._expire)
+        self._subs: list[Any] = []
+        self.default_timeout = default_timeout()
+        self.counters: dict[str, int] = {"calls": 0, "late_replies": 0}
+        self.malformed: dict[str, int] = {}
+        self.closed = False
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.loop_thread = threading.get_ident()
+        LOOP_THREADS.add(self.loop_thread)
+        tracing.configure(self.name)
+        self._subs.append(await self.transport.subscribe(self._reply_prefix + "*", self._on_reply))
+        await self.transport.flush()
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._wheel.stop()
+        await self._drain_out()
+        for f in list(self.pending.values()):
+            f._finish(FAILED, Cancelled("Cancelled", "the runtime closed", f.actor, f.method, future_id=f.id))
+        self.pending.clear()
+        await self.transport.close()
+        LOOP_THREADS.discard(self.loop_thread)
+
+    def subscriptions(self) -> list[str]:
+        return [self._reply_prefix + "*"]
+
+    # -- thread hand-off -------------------------------------------------------------------------
+    def on_loop(self) -> bool:
+        return threading.get_ident() == self.loop_thread
+
+    def post(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` on the loop soon; safe from any thread; one wake-up per burst."""
+        with self._post_lock:
+            first = not self._posted
+            self._posted.append((fn, args))
+        if first:
+            assert self.loop is not None
+            self.loop.call_soon_threadsafe(self._run_posted)
+
+    def _run_posted(self) -> None:
+        with self._post_lock:
+            batch, self._posted = self._posted, []
+        for fn, args in batch:
+            fn(*args)
+
+    def send(self, subject: str, data: bytes, headers: dict[str, str] | None = None, reply: str = "") -> None:
+        """Publish from the loop thread without awaiting (a batch drains in one task)."""
+        self._out.append((subject, data, headers, reply))
+        if not self._draining:
+            self._draining = True
+            asyncio.get_running_loop().create_task(self._drain_out())
+
+    async def _drain_out(self) -> None:
+        pub = self.transport.publish
+        try:
+            while self._out:
+                subject, data, headers, reply = self._out.popleft()
+                try:
+                    await pub(subject, data, headers, reply)
+                except Exception as e:  # a closed connection or an oversize reply: never kill the loop
+                    self.counters["publish_errors"] = self.counters.get("publish_errors", 0) + 1
+                    if not self.closed:
+                        import logging
+
+                        logging.getLogger("nalar.runtime").warning("publish to %s failed: %r", subject, e)
+        finally:
+            self._draining = False
+
+    # -- making calls ----------------------------------------------------------------------------
+    def call(self, actor: str, method: str, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any],
+             session: Any = _INHERIT, timeout: float | None = None, priority: int | None = None) -> Future[Any]:
+        """Create the future and send the call; returns at once. Non-JSON arguments raise ``TypeError``."""
+        if self.closed:
+            raise NalarError("this nalar runtime is closed")
+        n = next(self._ids)
+        token = f"{n:x}"
+        fid = f"{self.proc}-{token}"
+        fut: Future[Any] = Future(fid, actor, method, self)
+        parent = current_call.get()
+        now = time.time()
+        deadline = now + (timeout if timeout is not None else self.default_timeout)
+        headers = {env.H_ID: fid}
+        if parent is not None:
+            if parent.deadline and parent.deadline < deadline:
+                deadline = parent.deadline
+            headers[env.H_REQ] = parent.request
+            headers[env.H_PARENT] = parent.id
+            if session is _INHERIT:
+                session = parent.session
+            if priority is None and parent.priority:
+                priority = parent.priority
+            if parent.children is None:
+                parent.children = [fut]
+            else:
+                parent.children.append(fut)
+        headers[env.H_DEADLINE] = f"{deadline:.3f}"
+        if session is not _INHERIT and session is not None:
+            headers[env.H_SESSION] = str(session)
+        if priority:
+            headers[env.H_PRIORITY] = str(int(priority))
+
+        deps: list[Future[Any]] = []
+        data = env.encode_call(method, args, kwargs, _dep_encoder(deps))
+        limit = self.transport.max_payload
+        if limit and len(data) > limit:
+            raise PayloadTooLarge(len(data), limit, f"the call {actor}.{method}")
+        if tracing.TRACER is not None:
+            self._trace_call(fut, parent, headers)
+        self.counters["calls"] += 1
+        subject = self.subjects.call(actor)
+        reply = self._reply_prefix + token
+        self.pending[token] = fut
+        if deps:
+            self._after_deps(fut, deps, subject, method, args, kwargs, headers, reply, deadline)
+        elif self.on_loop():
+            self._wheel.add(deadline, fut)
+            self.send(subject, data, headers, reply)
+        else:
+            self.post(self._submit, fut, deadline, subject, data, headers, reply)
+        return fut
+
+    def _submit(self, fut: Future[Any], deadline: float, subject: str, data: bytes | None,
+                headers: dict[str, str], reply: str) -> None:
+        if fut._state != PENDING:
+            return
+        self._wheel.add(deadline, fut)
+        if data is not None:
+            self.send(subject, data, headers, reply)
+
+    def _after_deps(self, fut: Future[Any], deps: list[Future[Any]], subject: str, method: str,
+                    args: Any, kwargs: Any, headers: dict[str, str], reply: str, deadline: float) -> None:
+        """The call waits (here, at its creator) until every future argument has its value."""
+        failed = next((d for d in deps if d._state == FAILED), None)
+        if failed is not None:
+            self._fail_dep(fut, failed)
+            return
+        left = [len(deps)]
+        self.post(self._submit, fut, deadline, subject, None, headers, reply)  # arm the deadline
+
+        def on_dep(d: Future[Any]) -> None:
+            if fut._state != PENDING:
+                return
+            if d._state == FAILED:
+                self._fail_dep(fut, d)
+                return
+            with _LOCK:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                try:
+                    data = env.encode_call(method, args, kwargs, _dep_encoder([]))
+                except (TypeError, PayloadTooLarge) as e:
+                    self._fail(fut, BadRequest(type(e).__name__, str(e), fut.actor, fut.method, future_id=fut.id))
+                    return
+                self.post(self.send, subject, data, headers, reply)
+
+        for d in deps:
+            d.add_done_callback(on_dep)
+
+    def _fail_dep(self, fut: Future[Any], dep: Future[Any]) -> None:
+        err = dep._value
+        chain = [err.to_dict()] + list(err.chain) if isinstance(err, RemoteError) else []
+        self._fail(fut, DependencyFailed(type(err).__name__, f"argument future {dep.id} failed: {err}",
+                                         fut.actor, fut.method, chain=chain, future_id=fut.id))
+
+    def _fail(self, fut: Future[Any], err: BaseException) -> None:
+        self.pending.pop(fut.id.rpartition("-")[2], None)
+        fut._finish(FAILED, err)
+
+    def _trace_call(self, fut: Future[Any], parent: Any, headers: dict[str, str]) -> None:
+        from opentelemetry.trace import SpanKind
+
+        ctx = parent.otel_ctx if parent is not None and parent.otel_ctx is not None else None
+        span = tracing.TRACER.start_span(f"call {fut.actor}.{fut.method}", context=ctx, kind=SpanKind.CLIENT,
+                                         attributes={"nalar.future": fut.id, "nalar.actor": fut.actor,
+                                                     "nalar.method": fut.method})
+        fut._span = span
+        headers[env.H_TRACEPARENT] = tracing.traceparent(span)
+
+    # -- replies, deadlines, cancellation -------------------------------------------------------
+    def _on_reply(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        fut = self.pending.pop(subject[self._plen:], None)
+        if fut is None:
+            self.counters["late_replies"] += 1
+            return
+        if not data and headers and headers.get(STATUS_HEADER) == NO_RESPONDERS:
+            fut._finish(FAILED, UnknownActor(
+                "UnknownActor", f"no node serves actor {fut.actor!r} in namespace {self.subjects.ns!r}",
+                fut.actor, fut.method, future_id=fut.id))
+            return
+        try:
+            ok, value = env.decode_reply(data)
+        except MalformedMessage as e:
+            self.count_malformed("reply")
+            fut._finish(FAILED, BadRequest("MalformedMessage", f"malformed reply: {e}", fut.actor, fut.method,
+                                           future_id=fut.id))
+            return
+        if ok:
+            fut._finish(DONE, value)
+        else:
+            fut._finish(FAILED, error_from_dict(value))
+
+    def _expire(self, fut: Future[Any]) -> None:
+        if fut._state != PENDING:
+            return
+        self.pending.pop(fut.id.rpartition("-")[2], None)
+        fut._finish(FAILED, DeadlineExceeded("DeadlineExceeded", "the call's deadline passed", fut.actor,
+                                             fut.method, future_id=fut.id))
+        self.send(self.subjects.cancel, env.dumps({"ids": [fut.id]}))
+
+    def cancel(self, fut: Future[Any]) -> bool:
+        """Fail the future as cancelled here and tell every node to stop its work (and its children)."""
+        self.pending.pop(fut.id.rpartition("-")[2], None)
+        ok = fut._finish(FAILED, Cancelled("Cancelled", "cancelled by caller", fut.actor, fut.method,
+                                           future_id=fut.id))
+        if ok and not self.closed:
+            body = env.dumps({"ids": [fut.id]})
+            if self.on_loop():
+                self.send(self.subjects.cancel, body)
+            else:
+                self.post(self.send, self.subjects.cancel, body)
+        return ok
+
+    def count_malformed(self, where: str) -> None:
+        self.malformed[where] = self.malformed.get(where, 0) + 1
+
+
+def _dep_encoder(deps: list[Future[Any]]) -> Callable[[Any], Any]:
+    """orjson ``default``: a finished future becomes its value, a pending one a dependency."""
+    def default(obj: Any) -> Any:
+        if isinstance(obj, Future):
+            if obj._state == DONE:
+                return obj._value
+            deps.append(obj)
+            return None
+        return env._default(obj)
+    return default

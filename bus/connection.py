@@ -1,0 +1,127 @@
+"""One NATS connection per process: where to connect, with which credentials, and how to reconnect.
+
+Settings come from arguments, else from the environment:
+
+``NALAR_NATS_URL`` (comma-separated for a cluster), ``NALAR_NATS_TOKEN``, ``NALAR_NATS_USER`` and
+``NALAR_NATS_PASSWORD``, ``NALAR_NATS_CREDS`` (a .creds file), ``NALAR_NATS_NKEY`` (an nkeys seed
+file), ``NALAR_NATS_TLS_CA`` / ``NALAR_NATS_TLS_CERT`` / ``NALAR_NATS_TLS_KEY``. Without a URL, the
+``nalar up`` running on this machine is found through its discovery file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NatsClient
+
+from .discovery import find_running
+from .errors import BusError
+
+log = logging.getLogger("nalar.bus")
+
+
+@dataclass
+class ConnectOptions:
+    servers: list[str] = field(default_factory=list)
+    token: str | None = None
+    user: str | None = None
+    password: str | None = None
+    creds: str | None = None
+    nkeys_seed: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    name: str = "nalar"
+    connect_timeout: float = 3.0
+
+    @classmethod
+    def resolve(cls, url: str | None = None, **overrides: Any) -> "ConnectOptions":
+        """Explicit URL, else ``NALAR_NATS_URL``, else the local ``nalar up``; error if none."""
+        env = os.environ
+        url = url or env.get("NALAR_NATS_URL")
+        if not url:
+            running = find_running()
+            if running is None:
+                raise BusError(
+                    "no NATS server to connect to: start one with `nalar up`, or pass --nats URL / "
+                    "set NALAR_NATS_URL"
+                )
+            url = running["url"]
+        opts = cls(
+            servers=[u.strip() for u in url.split(",") if u.strip()],
+            token=env.get("NALAR_NATS_TOKEN"),
+            user=env.get("NALAR_NATS_USER"),
+            password=env.get("NALAR_NATS_PASSWORD"),
+            creds=env.get("NALAR_NATS_CREDS"),
+            nkeys_seed=env.get("NALAR_NATS_NKEY"),
+            tls_ca=env.get("NALAR_NATS_TLS_CA"),
+            tls_cert=env.get("NALAR_NATS_TLS_CERT"),
+            tls_key=env.get("NALAR_NATS_TLS_KEY"),
+        )
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(opts, k, v)
+        return opts
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if not (self.tls_ca or self.tls_cert or any(s.startswith("tls://") for s in self.servers)):
+            return None
+        ctx = ssl.create_default_context(cafile=self.tls_ca)
+        if self.tls_cert:
+            ctx.load_cert_chain(self.tls_cert, self.tls_key)
+        return ctx
+
+
+async def _log_error(e: Exception) -> None:
+    log.warning("nats: %s", e)
+
+
+async def _log_disconnect() -> None:
+    log.warning("nats: disconnected, reconnecting")
+
+
+async def _log_reconnect() -> None:
+    log.warning("nats: reconnected")
+
+
+async def open_connection(opts: ConnectOptions) -> NatsClient:
+    """Connect with reconnect forever after the first success; fail clearly if the first try fails."""
+    kwargs: dict[str, Any] = dict(
+        servers=opts.servers,
+        name=opts.name,
+        connect_timeout=opts.connect_timeout,
+        allow_reconnect=True,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        error_cb=_log_error,
+        disconnected_cb=_log_disconnect,
+        reconnected_cb=_log_reconnect,
+        pending_size=64 * 1024 * 1024,
+        flush_timeout=10,
+    )
+    if opts.token:
+        kwargs["token"] = opts.token
+    if opts.user:
+        kwargs["user"] = opts.user
+        kwargs["password"] = opts.password
+    if opts.creds:
+        kwargs["user_credentials"] = opts.creds
+    if opts.nkeys_seed:
+        kwargs["nkeys_seed"] = opts.nkeys_seed
+    tls = opts.tls_context()
+    if tls is not None:
+        kwargs["tls"] = tls
+    nc = NatsClient()
+    try:
+        await nc.connect(**kwargs)
+    except Exception as e:  # nats-py raises several types here; one clear message for all
+        try:
+            await nc.close()
+        except Exception:
+            pass
+        raise BusError(f"cannot connect to NATS at {', '.join(opts.servers)}: {e!r}") from e
+    return nc

@@ -1,0 +1,155 @@
+"""Errors that cross process boundaries.
+
+They live at the bottom layer because the envelope codec turns them into bytes and back; every other
+layer raises or catches them through ``nalar``'s public names.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pykka
+
+
+class NalarError(Exception):
+    """Base of every error nalar raises itself."""
+
+
+class BusError(NalarError):
+    """The message bus cannot be reached or refused an operation."""
+
+
+class ServerNotFound(BusError):
+    """The ``nats-server`` binary is not installed where nalar looks for it."""
+
+
+class PayloadTooLarge(NalarError, ValueError):
+    """An encoded message is over the server's ``max_payload``."""
+
+    def __init__(self, size: int, limit: int, what: str = "message") -> None:
+        super().__init__(
+            f"{what} is {size} bytes, over the NATS server's max_payload of {limit} bytes; "
+            "send a reference (a key, a path) instead of the bytes, or raise max_payload"
+        )
+        self.size = size
+        self.limit = limit
+
+
+class MalformedMessage(NalarError, ValueError):
+    """An incoming message failed validation at the edge."""
+
+
+class Timeout(NalarError, pykka.Timeout, TimeoutError):
+    """Waiting on a future took longer than the caller's ``timeout`` (the call itself goes on)."""
+
+
+class RemoteError(NalarError):
+    """A call failed on the remote side.
+
+    Carries what the executor reported: the remote exception's type name, its message, where it ran
+    (actor, method) and the remote traceback, plus ``chain``, the errors of the futures below it
+    when it came from a nested call.
+    """
+
+    kind = "error"
+
+    def __init__(
+        self,
+        type: str,
+        message: str,
+        actor: str = "",
+        method: str = "",
+        traceback: str = "",
+        chain: list[dict[str, Any]] | None = None,
+        future_id: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.type = type
+        self.message = message
+        self.actor = actor
+        self.method = method
+        self.traceback = traceback
+        self.chain = chain or []
+        self.future_id = future_id
+
+    def __str__(self) -> str:
+        where = f"{self.actor}.{self.method}" if self.actor else "remote call"
+        text = f"{where} raised {self.type}: {self.message}"
+        if self.traceback:
+            text += "\n--- remote traceback ---\n" + self.traceback.rstrip()
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "type": self.type,
+            "message": self.message,
+            "actor": self.actor,
+            "method": self.method,
+            "traceback": self.traceback,
+            "chain": self.chain,
+            "future_id": self.future_id,
+        }
+
+
+class UnknownActor(RemoteError):
+    """No node serves the actor that was called (answered at once by NATS' no-responders status)."""
+
+    kind = "unknown_actor"
+
+
+class UnknownMethod(RemoteError, AttributeError):
+    """The actor exists but has no public method of that name."""
+
+    kind = "unknown_method"
+
+
+class BadRequest(RemoteError, ValueError):
+    """The executor could not decode or validate the call."""
+
+    kind = "bad_request"
+
+
+class DeadlineExceeded(RemoteError, TimeoutError):
+    """The call's deadline passed before it finished; the work was cancelled where it ran."""
+
+    kind = "deadline"
+
+
+class Cancelled(RemoteError):
+    """The call was cancelled by its caller or by a cancelled parent."""
+
+    kind = "cancelled"
+
+
+class Overloaded(RemoteError):
+    """The executor's queue is full: back off and retry."""
+
+    kind = "overloaded"
+
+
+class DependencyFailed(RemoteError):
+    """A future passed as an argument failed, so the call never ran."""
+
+    kind = "dependency"
+
+
+_KINDS: dict[str, type[RemoteError]] = {
+    cls.kind: cls
+    for cls in (RemoteError, UnknownActor, UnknownMethod, BadRequest, DeadlineExceeded, Cancelled,
+                Overloaded, DependencyFailed)
+}
+
+
+def error_from_dict(d: dict[str, Any]) -> RemoteError:
+    """Rebuild a ``RemoteError`` (of the right subclass) from its wire form; tolerant of missing keys."""
+    cls = _KINDS.get(str(d.get("kind", "error")), RemoteError)
+    chain = d.get("chain")
+    return cls(
+        type=str(d.get("type", "Exception")),
+        message=str(d.get("message", "")),
+        actor=str(d.get("actor", "")),
+        method=str(d.get("method", "")),
+        traceback=str(d.get("traceback", "")),
+        chain=chain if isinstance(chain, list) else [],
+        future_id=str(d.get("future_id", "")),
+    )

@@ -1,0 +1,151 @@
+"""What the runtime needs from a message bus, with two implementations.
+
+``NatsTransport`` is the real one. ``LocalTransport`` is an in-process loopback with the same
+semantics nalar relies on (subject wildcards, queue groups, no-responders status, a payload limit),
+used by local mode so the very same node and client code runs with no server.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Awaitable, Callable, Protocol
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from .errors import BusError, PayloadTooLarge
+
+Handler = Callable[[str, str, bytes, "dict[str, str] | None"], None]
+STATUS_HEADER = "Status"
+NO_RESPONDERS = "503"
+SUB_PENDING_MSGS = 4 * 1024 * 1024
+SUB_PENDING_BYTES = 2 * 1024 * 1024 * 1024
+
+
+class Subscription(Protocol):
+    async def unsubscribe(self) -> None: ...
+
+
+class Transport(Protocol):
+    max_payload: int
+
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None,
+                      reply: str = "") -> None: ...
+
+    async def subscribe(self, subject: str, handler: Handler, queue: str = "") -> Subscription: ...
+
+    async def flush(self, timeout: float = 10.0) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class NatsTransport:
+    """nats-py underneath; handlers get plain values, never the ``Msg`` (nothing retains it)."""
+
+    def __init__(self, nc: NatsClient) -> None:
+        self.nc = nc
+
+    @property
+    def max_payload(self) -> int:
+        return int(self.nc.max_payload or 0)
+
+    @property
+    def connected_url(self) -> str:
+        u = self.nc.connected_url
+        return f"nats://{u.hostname}:{u.port}" if u else ""
+
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None,
+                      reply: str = "") -> None:
+        limit = self.nc.max_payload
+        if limit and len(data) > limit:
+            raise PayloadTooLarge(len(data), limit)
+        await self.nc.publish(subject, data, reply=reply, headers=headers)
+
+    async def subscribe(self, subject: str, handler: Handler, queue: str = "") -> Subscription:
+        async def cb(msg: Msg) -> None:
+            handler(msg.subject, msg.reply, msg.data, msg.headers)
+
+        return await self.nc.subscribe(subject, queue=queue, cb=cb, pending_msgs_limit=SUB_PENDING_MSGS,
+                                       pending_bytes_limit=SUB_PENDING_BYTES)
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        await self.nc.flush(timeout)
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except Exception:
+                await self.nc.close()
+
+
+def _matches(pattern: list[str], tokens: list[str]) -> bool:
+    for i, p in enumerate(pattern):
+        if p == ">":
+            return len(tokens) > i
+        if i >= len(tokens) or (p != "*" and p != tokens[i]):
+            return False
+    return len(pattern) == len(tokens)
+
+
+class _LocalSub:
+    __slots__ = ("bus", "pattern", "handler", "queue")
+
+    def __init__(self, bus: "LocalTransport", pattern: str, handler: Handler, queue: str) -> None:
+        self.bus = bus
+        self.pattern = pattern.split(".")
+        self.handler = handler
+        self.queue = queue
+
+    async def unsubscribe(self) -> None:
+        if self in self.bus.subs:
+            self.bus.subs.remove(self)
+
+
+class LocalTransport:
+    """An in-process bus for local mode (no server). Delivery is asynchronous, as over NATS."""
+
+    def __init__(self, max_payload: int = 8 * 1024 * 1024) -> None:
+        self.max_payload = max_payload
+        self.subs: list[_LocalSub] = []
+        self._rr = itertools.count()
+        self._closed = False
+
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None,
+                      reply: str = "") -> None:
+        if self._closed:
+            raise BusError("local bus is closed")
+        if len(data) > self.max_payload:
+            raise PayloadTooLarge(len(data), self.max_payload)
+        tokens = subject.split(".")
+        loop = asyncio.get_running_loop()
+        groups: dict[str, list[_LocalSub]] = {}
+        delivered = False
+        for s in self.subs:
+            if _matches(s.pattern, tokens):
+                if s.queue:
+                    groups.setdefault(s.queue, []).append(s)
+                else:
+                    loop.call_soon(s.handler, subject, reply, data, headers)
+                    delivered = True
+        for members in groups.values():
+            s = members[next(self._rr) % len(members)]
+            loop.call_soon(s.handler, subject, reply, data, headers)
+            delivered = True
+        if not delivered and reply:
+            await self.publish(reply, b"", {STATUS_HEADER: NO_RESPONDERS})
+
+    async def subscribe(self, subject: str, handler: Handler, queue: str = "") -> Subscription:
+        sub = _LocalSub(self, subject, handler, queue)
+        self.subs.append(sub)
+        return sub
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        await asyncio.sleep(0)
+
+    async def close(self) -> None:
+        self._closed = True
+        self.subs.clear()
+
+
+Connector = Callable[[], Awaitable[Transport]]

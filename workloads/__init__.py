@@ -1,0 +1,1 @@
+"""Workloads: the demo served by ``nalar up``, reference workloads, load generators and benchmarks."""
