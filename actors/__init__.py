@@ -1,7 +1,7 @@
 """Actors, hints, stubs, futures, the per-process runtime, the node that hosts instances, local mode."""
 from .base import Actor, Agent, Model, Tool
 from .client import Client, connect, connect_async
-from .context import session
+from .context import deadline, session
 from .future import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Future, gather, wait
 from .hints import Hints, hints, hints_of
 from .local import Local, local
@@ -11,6 +11,6 @@ from .stub import Stub, stub
 
 __all__ = [
     "ALL_COMPLETED", "Actor", "Agent", "Client", "FIRST_COMPLETED", "FIRST_EXCEPTION", "Future", "Hints", "Local",
-    "Model", "Node", "Runtime", "Stub", "Tool", "connect", "connect_async", "current_runtime", "gather", "hints",
+    "Model", "Node", "Runtime", "Stub", "Tool", "connect", "connect_async", "current_runtime", "deadline", "gather", "hints",
     "hints_of", "local", "session", "stub", "wait",
 ]

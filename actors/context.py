@@ -15,3 +15,9 @@ def session() -> str | None:
     """The session id of the call being executed, if any (``nalar.session()``)."""
     c = current_call.get()
     return c.session if c is not None else None
+
+
+def deadline() -> float | None:
+    """The absolute deadline (Unix time) of the call being executed, if any (``nalar.deadline()``)."""
+    c = current_call.get()
+    return c.deadline if c is not None and c.deadline else None

@@ -255,8 +255,12 @@ class Runtime:
     # -- replies, deadlines, cancellation -------------------------------------------------------
     def _on_reply(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
         fut = self.pending.pop(subject[self._plen:], None)
-        if fut is None:
-            self.counters["late_replies"] += 1
+        if fut is None:  # late (after a deadline or cancel), or not a reply at all
+            try:
+                env.decode_reply(data)
+                self.counters["late_replies"] += 1
+            except MalformedMessage:
+                self.count_malformed("reply")
             return
         if not data and headers and headers.get(STATUS_HEADER) == NO_RESPONDERS:
             fut._finish(FAILED, UnknownActor(

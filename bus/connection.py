@@ -76,30 +76,33 @@ class ConnectOptions:
         return ctx
 
 
-async def _log_error(e: Exception) -> None:
-    log.warning("nats: %s", e)
-
-
-async def _log_disconnect() -> None:
-    log.warning("nats: disconnected, reconnecting")
-
-
-async def _log_reconnect() -> None:
-    log.warning("nats: reconnected")
-
-
 async def open_connection(opts: ConnectOptions) -> NatsClient:
-    """Connect with reconnect forever after the first success; fail clearly if the first try fails."""
+    """Connect, failing clearly if no server answers; once connected, reconnect forever."""
+    nc = NatsClient()
+
+    up = [False]
+
+    async def on_error(e: Exception) -> None:  # errors of the first attempt surface as one BusError
+        if up[0] and not (nc.is_closed or nc.is_draining):
+            log.warning("nats: %r", e)
+
+    async def on_disconnect() -> None:
+        if not (nc.is_closed or nc.is_draining):
+            log.warning("nats: disconnected from %s, reconnecting", ", ".join(opts.servers))
+
+    async def on_reconnect() -> None:
+        log.warning("nats: reconnected")
+
     kwargs: dict[str, Any] = dict(
         servers=opts.servers,
         name=opts.name,
         connect_timeout=opts.connect_timeout,
         allow_reconnect=True,
-        max_reconnect_attempts=-1,
+        max_reconnect_attempts=2,  # for the first connect; forever once connected (below)
         reconnect_time_wait=0.5,
-        error_cb=_log_error,
-        disconnected_cb=_log_disconnect,
-        reconnected_cb=_log_reconnect,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
         pending_size=64 * 1024 * 1024,
         flush_timeout=10,
     )
@@ -115,7 +118,6 @@ async def open_connection(opts: ConnectOptions) -> NatsClient:
     tls = opts.tls_context()
     if tls is not None:
         kwargs["tls"] = tls
-    nc = NatsClient()
     try:
         await nc.connect(**kwargs)
     except Exception as e:  # nats-py raises several types here; one clear message for all
@@ -124,4 +126,6 @@ async def open_connection(opts: ConnectOptions) -> NatsClient:
         except Exception:
             pass
         raise BusError(f"cannot connect to NATS at {', '.join(opts.servers)}: {e!r}") from e
+    nc.options["max_reconnect_attempts"] = -1
+    up[0] = True
     return nc

@@ -1,0 +1,185 @@
+"""The ``nalar`` command: up, node, call, status, bench."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from typing import Any
+
+import orjson
+
+from ..bus import envelope as env
+from ..bus.errors import BusError, NalarError, RemoteError
+
+EXIT_REMOTE, EXIT_USAGE, EXIT_CONNECT = 1, 2, 3
+
+
+def _nats_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nats", metavar="URL", default=None,
+                   help="NATS URL(s), comma-separated (default: $NALAR_NATS_URL, else the local `nalar up`)")
+    p.add_argument("--namespace", default=None, help="deployment namespace (default: $NALAR_NAMESPACE or 'default')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nalar", description="Serve multi-step LLM agent applications.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    up = sub.add_parser("up", help="start an embedded NATS server and a node serving the demo workload")
+    up.add_argument("actors", nargs="*", metavar="module:Class[=N]", help="serve these instead of the demo")
+    up.add_argument("--namespace", default=os.environ.get("NALAR_NAMESPACE", "default"))
+    up.add_argument("--data-dir", default=None, help="JetStream data directory (default: a temporary one)")
+
+    node = sub.add_parser("node", help="serve actor classes against a NATS server")
+    node.add_argument("actors", nargs="*", metavar="module:Class[=N]", help="actor classes and instance counts")
+    node.add_argument("--demo", action="store_true", help="serve the demo workload's actors")
+    node.add_argument("--name", default=None, help="node name (default: HOST-PID)")
+    _nats_args(node)
+
+    call = sub.add_parser("call", help="call ACTOR.METHOD and print the result as JSON")
+    call.add_argument("target", metavar="ACTOR.METHOD")
+    call.add_argument("args", nargs="?", default="[]", metavar="JSON",
+                      help="a JSON array is the argument list, an object the keyword arguments, "
+                           "anything else the one argument (default: [])")
+    call.add_argument("--session", default=None, help="session id")
+    call.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds (default: 60)")
+    _nats_args(call)
+
+    st = sub.add_parser("status", help="nodes, actors, instances and in-flight calls")
+    st.add_argument("--json", action="store_true", help="print the raw status of every node as JSON")
+    st.add_argument("--timeout", type=float, default=2.0)
+    _nats_args(st)
+
+    bench = sub.add_parser("bench", help="benchmarks (see README)")
+    bench.add_argument("what", choices=["calls", "futures"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    return p
+
+
+def _err(msg: str) -> None:
+    print(f"nalar: {msg}", file=sys.stderr)
+
+
+def _parse_call_args(text: str) -> tuple[list[Any], dict[str, Any]]:
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as e:
+        raise ValueError(f"the arguments are not JSON ({e}); quote them, e.g. '[\"hello\"]'") from None
+    if isinstance(value, list):
+        return value, {}
+    if isinstance(value, dict):
+        return [], value
+    return [value], {}
+
+
+async def _call(a: argparse.Namespace) -> int:
+    from ..actors.client import connect_async
+
+    actor, _, method = a.target.partition(".")
+    if not actor or not method:
+        _err(f"{a.target!r}: expected ACTOR.METHOD, e.g. Analyst.analyze")
+        return EXIT_USAGE
+    try:
+        args, kwargs = _parse_call_args(a.args)
+    except ValueError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    client = await connect_async(a.nats, a.namespace, name="nalar-cli")
+    try:
+        stub = client.stub(actor, timeout=a.timeout, session=a.session)
+        result = await getattr(stub, method)(*args, **kwargs)
+    except RemoteError as e:
+        _err(str(e))
+        return EXIT_REMOTE
+    finally:
+        await client.aclose()
+    sys.stdout.write(env.dumps(result, None).decode() + "\n")
+    return 0
+
+
+def _print_status(nodes: list[dict[str, Any]]) -> None:
+    if not nodes:
+        print("no nodes answered")
+        return
+    for n in nodes:
+        mal = sum(n.get("malformed", {}).values())
+        print(f"node {n['node']}  pid {n['pid']}  up {n['uptime_s']:.0f}s  in-flight {n['in_flight']}  "
+              f"malformed {mal}{'  tracing' if n.get('tracing') else ''}")
+        print(f"  {'ACTOR':<16} {'KIND':<6} {'INST':>4} {'RUNNING':>7} {'QUEUED':>6} {'DONE':>8} {'FAILED':>6}")
+        for name, a in sorted(n["actors"].items()):
+            print(f"  {name:<16} {a['kind']:<6} {len(a['instances']):>4} {a['running']:>7} {a['queued']:>6} "
+                  f"{a['done']:>8} {a['failed']:>6}")
+
+
+async def _status(a: argparse.Namespace) -> int:
+    from ..actors.client import connect_async
+
+    client = await connect_async(a.nats, a.namespace, name="nalar-cli")
+    try:
+        nodes = await client.status_async(a.timeout)
+    finally:
+        await client.aclose()
+    if a.json:
+        sys.stdout.write(orjson.dumps(nodes, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        _print_status(nodes)
+    return 0 if nodes else 1
+
+
+def _node(a: argparse.Namespace) -> int:
+    from .serve import serve_node
+
+    specs = _specs(a.actors, a.demo)
+    if not specs:
+        _err("nothing to serve: give module:Class[=N] arguments or --demo")
+        return EXIT_USAGE
+
+    def ready(node: Any, url: str) -> None:
+        served = ", ".join(f"{g.name} x{len(g.instances)}" for g in node.groups.values())
+        print(f"nalar node {node.name} ready on {url} (namespace {node.rt.subjects.ns!r}): {served}", flush=True)
+
+    asyncio.run(serve_node(specs, a.nats, a.namespace, a.name, ready))
+    return 0
+
+
+def _specs(texts: list[str], demo: bool) -> list[tuple[type, int | None]]:
+    from .specs import parse_spec
+
+    specs = [parse_spec(t) for t in texts]
+    if demo:
+        from ..workloads.demo import DEMO
+
+        specs = list(DEMO) + specs
+    return specs
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        if a.cmd == "up":
+            from .up import run_up
+
+            return run_up(_specs(a.actors, not a.actors), a.namespace, a.data_dir)
+        if a.cmd == "node":
+            return _node(a)
+        if a.cmd == "call":
+            return asyncio.run(_call(a))
+        if a.cmd == "status":
+            return asyncio.run(_status(a))
+        if a.cmd == "bench":
+            from ..workloads import bench
+
+            return bench.main(a.what, a.rest)
+    except BusError as e:
+        _err(str(e))
+        return EXIT_CONNECT
+    except (NalarError, ValueError, TypeError) as e:
+        _err(str(e))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

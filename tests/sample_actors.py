@@ -1,0 +1,132 @@
+"""Actors used by the tests; node processes import this module (tests/ is on their PYTHONPATH)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+import nalar
+
+
+class Calc(nalar.Tool):
+    def add(self, a: int, b: int) -> int:
+        return a + b
+
+    def where(self) -> dict[str, int]:
+        return {"pid": os.getpid()}
+
+    def fail(self, message: str) -> None:
+        raise ValueError(message)
+
+    def deadline(self) -> float | None:
+        return nalar.deadline()
+
+    def session(self) -> str | None:
+        return nalar.session()
+
+    def blob(self, n: int) -> str:
+        return "x" * n
+
+
+class Serial(nalar.Tool):
+    """A sync tool: counts how many of its calls overlap (must never exceed 1)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.now = 0
+        self.peak = 0
+        self.threads: set[str] = set()
+
+    def work(self, i: int) -> int:
+        with self.lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        self.threads.add(threading.current_thread().name)
+        time.sleep(0.002)  # widen the window in which an overlap would show
+        with self.lock:
+            self.now -= 1
+        return i
+
+    def stats(self) -> dict[str, object]:
+        return {"peak": self.peak, "threads": len(self.threads)}
+
+
+@nalar.hints(max_concurrency=3)
+class Limited(nalar.Tool):
+    """An async tool limited to 3 concurrent calls per instance."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.peak = 0
+
+    async def work(self, i: int) -> int:
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        await asyncio.sleep(0.005)
+        self.now -= 1
+        return i
+
+    async def stats(self) -> dict[str, int]:
+        return {"peak": self.peak}
+
+
+@nalar.hints(max_concurrency=None)
+class Gate(nalar.Tool):
+    """Async calls that park until released; records cancellations it saw."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.started = 0
+        self.cancelled = 0
+        self.started_event = asyncio.Event()
+
+    async def park(self, x: object = None) -> object:
+        self.started += 1
+        self.started_event.set()
+        try:
+            await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return x
+
+    async def wait_started(self, n: int) -> int:
+        while self.started < n:
+            self.started_event.clear()
+            await self.started_event.wait()
+        return self.started
+
+    async def release(self) -> bool:
+        self.gate.set()
+        return True
+
+    async def stats(self) -> dict[str, int]:
+        return {"started": self.started, "cancelled": self.cancelled}
+
+
+class Planner(nalar.Agent):
+    """An agent that calls Calc (possibly on another node)."""
+
+    calc = nalar.stub(Calc)
+    gate = nalar.stub("Gate")
+
+    def plan(self, a: int, b: int) -> dict[str, object]:
+        total = self.calc.add(a, b)
+        doubled = self.calc.add(total, total)  # a future as an argument
+        return {"value": doubled.result(), "agent_pid": os.getpid(), "tool": self.calc.where().result()}
+
+    def chained(self, a: int, b: int) -> nalar.Future:
+        return self.calc.add(a, b)  # returning a future chains it
+
+    def nested_fail(self) -> int:
+        return self.calc.fail("deep failure").result()
+
+    def child_deadline(self) -> dict[str, float | None]:
+        return {"mine": nalar.deadline(), "child": self.calc.options(timeout=1000).deadline().result()}
+
+    def child_session(self) -> str | None:
+        return self.calc.session().result()
+
+    def wait_on_gate(self) -> object:
+        return self.gate.park("never").result()
