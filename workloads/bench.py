@@ -1,0 +1,12 @@
+"""``nalar bench WHAT``: dispatch to the benchmark scripts."""
+from __future__ import annotations
+
+
+def main(what: str, argv: list[str]) -> int:
+    if what == "calls":
+        from .bench_calls import main as run
+    elif what == "futures":
+        from .bench_futures import main as run
+    else:
+        raise ValueError(f"unknown benchmark {what!r}")
+    return run(argv)

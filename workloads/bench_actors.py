@@ -1,0 +1,33 @@
+"""Actors and a raw responder used by ``nalar bench``."""
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import nalar
+
+
+class SyncEcho(nalar.Tool):
+    """A sync actor (a pykka actor thread): the path a blocking agent method takes."""
+
+    def echo(self, x: object) -> object:
+        return x
+
+
+async def raw_responder(url: str, subject: str) -> None:
+    """The reference: a bare nats-py responder that echoes each request."""
+    import nats
+
+    nc = await nats.connect(url)
+
+    async def on(msg):  # type: ignore[no-untyped-def]
+        await msg.respond(msg.data)
+
+    await nc.subscribe(subject, cb=on)
+    await nc.flush()
+    print("raw responder ready", flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(raw_responder(sys.argv[1], sys.argv[2]))
