@@ -2,10 +2,14 @@
 
 Agents, tools and models are actors written as plain Python classes; every call between them is a
 future carried over NATS. See README.md.
+
+The imports below are absolute on purpose: pytest imports this file as a stray module when it walks up
+from tests/ (the repository root is the package), and absolute imports make that a harmless re-export
+of the installed ``nalar`` instead of an error or a second copy of the package.
 """
-from .actors import (ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Actor, Agent, Client, Future, Hints, Local,
+from nalar.actors import (ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Actor, Agent, Client, Future, Hints, Local,
                      Model, Tool, connect, connect_async, deadline, gather, hints, local, session, stub, wait)
-from .bus.errors import (BadRequest, BusError, Cancelled, DeadlineExceeded, DependencyFailed, MalformedMessage,
+from nalar.bus.errors import (BadRequest, BusError, Cancelled, DeadlineExceeded, DependencyFailed, MalformedMessage,
                          NalarError, Overloaded, PayloadTooLarge, RemoteError, ServerNotFound, Timeout,
                          UnknownActor, UnknownMethod)
 
