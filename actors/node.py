@@ -37,7 +37,7 @@ DEFAULT_MAX_QUEUE = 100_000
 class Call(env.CallMessage):
     """A call accepted by this node: the wire fields plus where and how it runs."""
 
-    __slots__ = ("group", "inst", "task", "children", "span", "qspan", "otel_ctx", "done")
+    __slots__ = ("group", "inst", "task", "children", "span", "qspan", "otel_ctx", "done", "wk")
 
     def __init__(self) -> None:
         self.inst: Instance | None = None
@@ -47,6 +47,7 @@ class Call(env.CallMessage):
         self.qspan: Any = None
         self.otel_ctx: Any = None
         self.done = False
+        self.wk = 0
 
 
 class Instance:
@@ -239,7 +240,7 @@ class Node:
             self._trace_receive(c)
         self.active[c.id] = c
         if c.deadline:
-            self._wheel.add(c.deadline, c)
+            c.wk = self._wheel.add(c.deadline, c)
         inst = self._pick(g) if not g.queue else None
         if inst is None:
             g.queue.append(c)
@@ -340,6 +341,8 @@ class Node:
         c.done = True
         c.children = None
         self.active.pop(c.id, None)
+        if c.wk:
+            self._wheel.discard(c.wk, c)
         g = c.group
         if ok:
             try:
@@ -425,6 +428,7 @@ class Node:
             "node": self.name, "pid": os.getpid(), "host": socket.gethostname(), "namespace": self.rt.subjects.ns,
             "uptime_s": round(time.time() - self.started, 3), "actors": actors,
             "in_flight": len(self.active), "pending_outgoing": len(self.rt.pending),
+            "armed_deadlines": len(self._wheel),
             "counters": dict(self.counters, **self.rt.counters), "malformed": dict(self.rt.malformed),
             "subjects": self.subscriptions(), "tracing": tracing.TRACER is not None,
         }

@@ -188,7 +188,7 @@ class Runtime:
         if deps:
             self._after_deps(fut, deps, subject, method, args, kwargs, headers, reply, deadline)
         elif self.on_loop():
-            self._wheel.add(deadline, fut)
+            fut._wk = self._wheel.add(deadline, fut)
             self.send(subject, data, headers, reply)
         else:
             self.post(self._submit, fut, deadline, subject, data, headers, reply)
@@ -198,7 +198,7 @@ class Runtime:
                 headers: dict[str, str], reply: str) -> None:
         if fut._state != PENDING:
             return
-        self._wheel.add(deadline, fut)
+        fut._wk = self._wheel.add(deadline, fut)
         if data is not None:
             self.send(subject, data, headers, reply)
 
@@ -255,6 +255,8 @@ class Runtime:
     # -- replies, deadlines, cancellation -------------------------------------------------------
     def _on_reply(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
         fut = self.pending.pop(subject[self._plen:], None)
+        if fut is not None and fut._wk:
+            self._wheel.discard(fut._wk, fut)
         if fut is None:  # late (after a deadline or cancel), or not a reply at all
             try:
                 env.decode_reply(data)

@@ -11,6 +11,7 @@ and nothing in a message is ever evaluated.
 from __future__ import annotations
 
 import base64
+import math
 from typing import Any, Callable
 
 import orjson
@@ -147,6 +148,8 @@ def decode_call(data: bytes, headers: dict[str, str] | None, reply: str,
         c.attempt = int(a) if a else 0
     except ValueError:
         raise MalformedMessage("call has a non-numeric deadline, priority or attempt header") from None
+    if not math.isfinite(c.deadline) or c.deadline < 0:
+        raise MalformedMessage("call has a deadline that is not a finite Unix time")
     c.method = method
     c.args = args
     c.kwargs = kwargs

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from typing import Awaitable, Callable, Protocol
 
 from nats.aio.client import Client as NatsClient
@@ -15,6 +16,7 @@ from nats.aio.msg import Msg
 
 from .errors import BusError, PayloadTooLarge
 
+log = logging.getLogger("nalar.bus")
 Handler = Callable[[str, str, bytes, "dict[str, str] | None"], None]
 STATUS_HEADER = "Status"
 NO_RESPONDERS = "503"
@@ -63,7 +65,10 @@ class NatsTransport:
 
     async def subscribe(self, subject: str, handler: Handler, queue: str = "") -> Subscription:
         async def cb(msg: Msg) -> None:
-            handler(msg.subject, msg.reply, msg.data, msg.headers)
+            try:
+                handler(msg.subject, msg.reply, msg.data, msg.headers)
+            except Exception:  # a bug in one handler must not stop the subscription
+                log.exception("handler for %s failed", subject)
 
         return await self.nc.subscribe(subject, queue=queue, cb=cb, pending_msgs_limit=SUB_PENDING_MSGS,
                                        pending_bytes_limit=SUB_PENDING_BYTES)

@@ -50,6 +50,10 @@ def test_fan_out_1000_with_gather(start_node, client):
     assert values == [i + 1 for i in range(1000)]
     done, not_done = nalar.wait([calc.add(1, 1) for _ in range(10)], timeout=30)
     assert len(done) == 10 and not not_done
+    # finished calls hold nothing: no pending entry, no armed deadline, on either side
+    assert not client.runtime.pending and len(client.runtime._wheel) == 0
+    (st,) = client.status()
+    assert st["in_flight"] == 0 and st["armed_deadlines"] == 0
 
 
 def test_remote_exception_carries_type_message_and_traceback(start_node, client):
@@ -157,6 +161,7 @@ def test_malformed_bytes_on_every_subject_are_counted_and_the_node_keeps_serving
     subjects = st["subjects"]
     assert len(subjects) >= 5
     garbage = [b"\x00\xff\xfe garbage", b"{not json", b"[1,2,3]", b'{"m": 5}', b""]
+    bad_headers = {"Nalar-Id": "abc", "Nalar-Deadline": "nan"}
 
     import asyncio
     import nats
@@ -170,7 +175,8 @@ def test_malformed_bytes_on_every_subject_are_counted_and_the_node_keeps_serving
                 await nc.publish(concrete, g)
                 await nc.publish(concrete, g, headers={"Nalar-Id": "x" * 500})
                 await nc.publish(concrete, g, reply="junk.reply", headers={"Nalar-Id": "abc"})
-                n += 3
+                await nc.publish(concrete, b'{"m": "add", "a": [1, 2]}', headers=bad_headers)
+                n += 4
         await nc.flush()
         await nc.close()
         return n
@@ -179,10 +185,10 @@ def test_malformed_bytes_on_every_subject_are_counted_and_the_node_keeps_serving
 
     def counted():
         s = [s for s in client.status() if s["node"] == "victim"][0]
-        return s if len(s["malformed"]) >= 4 else None
+        return s if len(s["malformed"]) >= 5 else None
 
     s = wait_for(counted, what="malformed messages to be counted")
-    assert set(s["malformed"]) >= {"call", "cancel", "status", "control"}
+    assert set(s["malformed"]) >= {"call", "cancel", "status", "control", "reply"}
     assert s["malformed"]["call"] >= len(garbage) * 3 - 3
     assert client.stub("Calc").add(2, 2).result(30) == 4  # still serving
 
