@@ -84,8 +84,11 @@ class Client:
         return await gather_status(self.runtime, timeout)
 
     def close(self) -> None:
+        """Close the connection (pending calls fail as cancelled); closing twice is fine."""
         if self._lt is None:
             raise RuntimeError("this client runs on your loop: use `await client.aclose()`")
+        if self.runtime.closed:
+            return
         try:
             self._lt.run(self.runtime.close(), 15)
         finally:
@@ -93,6 +96,8 @@ class Client:
             self._forget()
 
     async def aclose(self) -> None:
+        if self.runtime.closed:
+            return
         await self.runtime.close()
         self._forget()
 

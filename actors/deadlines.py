@@ -1,8 +1,9 @@
 """A coarse timer wheel for deadlines.
 
 One ``TimerHandle`` per pending call costs memory and heap work at 100k+ calls; instead each deadline
-lands in a 100 ms bucket and one periodic task expires whole buckets. Deadlines are therefore enforced
-to within about a tenth of a second, which is plenty for calls measured in milliseconds to minutes.
+lands in a bucket and one periodic task expires whole buckets. Buckets are 0.1 s wide for deadlines
+less than 10 s away, 1 s up to 1000 s, 10 s beyond: a deadline fires at most one bucket late (a tenth
+of the time left, or less), and long deadlines under steady traffic keep few buckets alive.
 """
 from __future__ import annotations
 
@@ -25,15 +26,21 @@ class DeadlineWheel:
         self._on_expire = on_expire
         self._buckets: dict[int, set[Any]] = {}
         self._keys: list[int] = []
+        self._in_heap: set[int] = set()
         self._task: asyncio.Task[None] | None = None
 
     def add(self, deadline: float, item: Any) -> int:
         """Must run on the loop thread; returns the key to ``discard`` the item with."""
-        k = int(deadline / TICK) + 1
+        ticks = int(deadline / TICK)
+        ahead = ticks - int(time.time() / TICK)
+        res = 1 if ahead < 100 else 10 if ahead < 10_000 else 100
+        k = (ticks // res + 1) * res
         b = self._buckets.get(k)
         if b is None:
             self._buckets[k] = {item}
-            heapq.heappush(self._keys, k)
+            if k not in self._in_heap:
+                self._in_heap.add(k)
+                heapq.heappush(self._keys, k)
             if self._task is None:
                 self._task = asyncio.get_running_loop().create_task(self._run())
         else:
@@ -45,9 +52,16 @@ class DeadlineWheel:
         b = self._buckets.get(key)
         if b is not None:
             b.discard(item)
+            if not b:
+                del self._buckets[key]  # its key stays in the heap and is skipped when it comes up
 
     def __len__(self) -> int:
+        """Items armed (for status and tests; O(buckets))."""
         return sum(len(b) for b in self._buckets.values())
+
+    @property
+    def buckets(self) -> int:
+        return len(self._buckets)
 
     async def _run(self) -> None:
         try:
@@ -55,7 +69,9 @@ class DeadlineWheel:
                 await asyncio.sleep(TICK)
                 now = int(time.time() / TICK)
                 while self._keys and self._keys[0] <= now:
-                    for item in self._buckets.pop(heapq.heappop(self._keys), ()):
+                    k = heapq.heappop(self._keys)
+                    self._in_heap.discard(k)
+                    for item in list(self._buckets.pop(k, ())):
                         try:
                             self._on_expire(item)
                         except Exception:  # an expiry handler must never stop the wheel

@@ -182,6 +182,42 @@ class Future(pykka.Future, Generic[T]):
     def cancelled(self) -> bool:
         return self._state == FAILED and isinstance(self._value, Cancelled)
 
+    # -- pykka's combinators, driven by callbacks so the results are real nalar futures -----------
+    def _derive(self, fn: Callable[[Any], Any]) -> "Future[Any]":
+        out: Future[Any] = Future(f"{self.id}~", self.actor, self.method)
+
+        def cb(f: "Future[Any]") -> None:
+            if f._state == FAILED:
+                out._finish(FAILED, f._value)
+                return
+            try:
+                value = fn(f._value)
+            except Exception as e:
+                out._finish(FAILED, e)
+            else:
+                out._finish(DONE, value)
+
+        self.add_done_callback(cb)
+        return out
+
+    def map(self, func: Callable[[Any], Any]) -> "Future[Any]":  # type: ignore[override]
+        """A future of ``func(value)``."""
+        return self._derive(func)
+
+    def filter(self, func: Callable[[Any], bool]) -> "Future[Any]":  # type: ignore[override]
+        """For an iterable value: a future of the items for which ``func`` is true."""
+        return self._derive(lambda v: [x for x in v if func(x)])
+
+    def reduce(self, func: Callable[[Any, Any], Any], *args: Any) -> "Future[Any]":  # type: ignore[override]
+        """For an iterable value: a future of ``functools.reduce(func, value, *args)``."""
+        import functools
+
+        return self._derive(lambda v: functools.reduce(func, v, *args))
+
+    def join(self, *futures: "Future[Any]") -> "Future[list[Any]]":  # type: ignore[override]
+        """A future of ``[self's value, *their values]`` (like ``nalar.gather``)."""
+        return gather(self, *futures)
+
 
 def _set_none(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():

@@ -18,6 +18,8 @@ from collections import deque
 from functools import partial
 from typing import Any
 
+import logging
+
 import pykka
 
 from ..bus import envelope as env
@@ -32,6 +34,7 @@ from .hints import Hints, hints_of
 from .runtime import Runtime
 
 DEFAULT_MAX_QUEUE = 100_000
+log = logging.getLogger("nalar.node")
 
 
 class Call(env.CallMessage):
@@ -51,7 +54,7 @@ class Call(env.CallMessage):
 
 
 class Instance:
-    __slots__ = ("id", "group", "obj", "host", "running", "limit", "handled")
+    __slots__ = ("id", "group", "obj", "host", "running", "sync_running", "limit", "handled")
 
     def __init__(self, id: str, group: "ActorGroup", obj: Actor, limit: int | None) -> None:
         self.id = id
@@ -59,8 +62,14 @@ class Instance:
         self.obj = obj
         self.host: pykka.ActorRef[Any] | None = None
         self.running = 0
+        self.sync_running = 0  # a def method holds the instance's one thread
         self.limit = limit
         self.handled = 0
+
+    def has_room(self, is_async: bool) -> bool:
+        if self.limit is not None and self.running >= self.limit:
+            return False
+        return is_async or self.sync_running == 0
 
 
 class ActorGroup:
@@ -80,18 +89,23 @@ class ActorGroup:
 
 
 class _Host(pykka.ThreadingActor):
-    """The pykka actor behind a sync instance: its mailbox serialises the instance's calls."""
+    """The pykka actor behind a sync instance: its mailbox serialises the instance's calls.
+
+    Its thread is a daemon so that a method stuck forever cannot keep a stopping node alive.
+    """
+
+    use_daemon_thread = True
 
     def __init__(self, node: "Node", inst: Instance) -> None:
         super().__init__()
         self._node = node
         self._inst = inst
 
-    def on_start(self) -> None:
-        self._inst.obj.on_start()
-
     def on_stop(self) -> None:
-        self._inst.obj.on_stop()
+        try:
+            self._inst.obj.on_stop()
+        except Exception:
+            log.exception("%s.on_stop failed", self._inst.id)
 
     def on_receive(self, message: Any) -> Any:
         self._node._run_sync(self._inst, message)
@@ -102,16 +116,21 @@ def default_node_name() -> str:
     return f"{host}-{os.getpid()}"
 
 
+def _safe(fn: Any, fallback: str) -> str:
+    try:
+        return str(fn())
+    except BaseException:  # an exception whose __str__ raises must not take the node down
+        return fallback
+
+
 def error_dict(e: BaseException, actor: str, method: str, fid: str) -> dict[str, Any]:
     """The wire form of an exception raised by user code (with its traceback and nested chain)."""
+    tb = _safe(lambda: "".join(traceback.format_exception(e)), f"{type(e).__qualname__} (traceback unavailable)")
     if isinstance(e, RemoteError):
-        d = e.to_dict()
         return {"kind": "error", "type": e.type, "message": e.message, "actor": actor, "method": method,
-                "traceback": "".join(traceback.format_exception(e)), "chain": [d] + list(e.chain),
-                "future_id": fid}
-    return {"kind": "error", "type": type(e).__qualname__, "message": str(e), "actor": actor,
-            "method": method, "traceback": "".join(traceback.format_exception(e)), "chain": [],
-            "future_id": fid}
+                "traceback": tb, "chain": [e.to_dict()] + list(e.chain), "future_id": fid}
+    return {"kind": "error", "type": type(e).__qualname__, "message": _safe(lambda: e, f"<unprintable {type(e).__qualname__}>"),
+            "actor": actor, "method": method, "traceback": tb, "chain": [], "future_id": fid}
 
 
 def _err(kind: str, type_: str, message: str, c: Call) -> dict[str, Any]:
@@ -161,13 +180,17 @@ class Node:
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
+        """Run every instance's ``on_start`` (a failure fails the start), then subscribe."""
         rt = self.rt
+        loop = asyncio.get_running_loop()
         for g in self.groups.values():
             for inst in g.instances:
+                try:
+                    await loop.run_in_executor(None, inst.obj.on_start)
+                except Exception as e:
+                    raise RuntimeError(f"{inst.id}: on_start failed: {e!r}") from e
                 if g.has_sync:
                     inst.host = _Host.start(self, inst)
-                else:
-                    inst.obj.on_start()
         sub = rt.transport.subscribe
         for g in self.groups.values():
             s = await sub(rt.subjects.call(g.name), partial(self._on_call, g), queue=g.name)
@@ -196,16 +219,28 @@ class Node:
                 await asyncio.wait_for(self._idle.wait(), grace)
             except asyncio.TimeoutError:
                 pass
+        for c in list(self.active.values()):  # still running after the grace period: answer them
+            self._abort(c, "cancelled", "Cancelled", f"node {self.name} is stopping")
+        for g in self.groups.values():
+            for q in list(g.queue):
+                self._abort(q, "cancelled", "Cancelled", f"node {self.name} is stopping")
         self._wheel.stop()
+        stopping = []
         for g in self.groups.values():
             for inst in g.instances:
                 if inst.host is not None:
-                    await asyncio.get_running_loop().run_in_executor(None, partial(inst.host.stop, timeout=grace))
+                    stopping.append(inst.host.stop(block=False))
                 else:
                     try:
                         inst.obj.on_stop()
                     except Exception:
-                        pass
+                        log.exception("%s.on_stop failed", inst.id)
+        if stopping:  # all together, bounded: a method stuck forever leaves only a daemon thread behind
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(None, partial(pykka.get_all, stopping, timeout=grace))
+            except pykka.Timeout:
+                log.warning("some instances did not stop within %s s; leaving their threads behind", grace)
         for s in self._subs:
             try:
                 await s.unsubscribe()
@@ -229,7 +264,13 @@ class Node:
             self._reject(c, "unknown_method", "UnknownMethod",
                          f"actor {g.name!r} has no method {c.method!r}; it has {sorted(g.methods)}")
             return
-        if c.deadline and c.deadline <= time.time():
+        if c.id in self.active:
+            self._reject(c, "bad_request", "BadRequest", f"a call with id {c.id!r} is already running here")
+            return
+        now = time.time()
+        if not c.deadline:  # nothing waits forever: a call without a deadline gets the default
+            c.deadline = now + self.rt.default_timeout
+        elif c.deadline <= now:
             self._reject(c, "deadline", "DeadlineExceeded", "the call's deadline passed before it arrived")
             return
         if len(g.queue) >= self.max_queue:
@@ -239,9 +280,8 @@ class Node:
         if tracing.TRACER is not None:
             self._trace_receive(c)
         self.active[c.id] = c
-        if c.deadline:
-            c.wk = self._wheel.add(c.deadline, c)
-        inst = self._pick(g) if not g.queue else None
+        c.wk = self._wheel.add(c.deadline, c)
+        inst = self._pick(g, g.methods[c.method]) if not g.queue else None
         if inst is None:
             g.queue.append(c)
         else:
@@ -253,10 +293,11 @@ class Node:
             self.rt.send(c.reply, env.encode_error(_err(kind, type_, message, c)), {env.H_ID: c.id})
 
     @staticmethod
-    def _pick(g: ActorGroup) -> Instance | None:
+    def _pick(g: ActorGroup, is_async: bool) -> Instance | None:
+        """The least busy instance with room for this kind of method (late binding: only now)."""
         best = None
         for inst in g.instances:
-            if inst.limit is None or inst.running < inst.limit:
+            if inst.has_room(is_async):
                 if inst.running == 0:
                     return inst
                 if best is None or inst.running < best.running:
@@ -271,19 +312,28 @@ class Node:
             c.qspan = None
         if inst.group.methods[c.method]:
             c.task = asyncio.get_running_loop().create_task(self._run_async(inst, c))
-        else:
+            return
+        inst.sync_running += 1
+        try:
             assert inst.host is not None
+            inst.host.tell(c)
+        except pykka.ActorDeadError:  # its thread died (it cannot, short of a bug): replace it, once
+            log.error("instance %s had died; starting a new thread for it", inst.id)
+            inst.host = _Host.start(self, inst)
             inst.host.tell(c)
 
     def _pump(self, g: ActorGroup) -> None:
         q = g.queue
         while q:
-            inst = self._pick(g)
+            c = q[0]
+            if c.done:
+                q.popleft()
+                continue
+            inst = self._pick(g, g.methods[c.method])
             if inst is None:
                 return
-            c = q.popleft()
-            if not c.done:
-                self._dispatch(inst, c)
+            q.popleft()
+            self._dispatch(inst, c)
 
     async def _run_async(self, inst: Instance, c: Call) -> None:
         current_call.set(c)
@@ -292,7 +342,7 @@ class Node:
             ok = True
         except asyncio.CancelledError:
             value, ok = None, False
-        except Exception as e:
+        except BaseException as e:  # SystemExit or KeyboardInterrupt from user code is its error, not ours
             value, ok = error_dict(e, inst.group.name, c.method, c.id), False
         self._complete(inst, c, ok, value)
 
@@ -305,7 +355,7 @@ class Node:
         try:
             value = getattr(inst.obj, c.method)(*c.args, **c.kwargs)
             ok = True
-        except Exception as e:
+        except BaseException as e:  # never let pykka see SystemExit & co: it would stop every actor
             value, ok = error_dict(e, inst.group.name, c.method, c.id), False
         finally:
             current_call.reset(token)
@@ -313,6 +363,8 @@ class Node:
 
     def _complete(self, inst: Instance, c: Call, ok: bool, value: Any) -> None:
         inst.running -= 1
+        if not inst.group.methods[c.method]:
+            inst.sync_running -= 1
         inst.handled += 1
         if not c.done:
             if ok and isinstance(value, Future):
@@ -347,10 +399,8 @@ class Node:
         if ok:
             try:
                 data = env.encode_result(value)
-                limit = self.rt.transport.max_payload
-                if limit and len(data) > limit:
-                    raise ValueError(f"the result of {g.name}.{c.method} is {len(data)} bytes, over the NATS "
-                                     f"server's max_payload of {limit}")
+                env.check_size(data, {env.H_ID: c.id}, self.rt.transport.max_payload,
+                               f"the result of {g.name}.{c.method}")
             except (TypeError, ValueError) as e:
                 ok, value = False, _err("error", type(e).__name__, str(e), c)
         if ok:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import math
 import os
 import secrets
 import threading
@@ -17,8 +19,8 @@ from typing import Any, Callable
 
 from ..bus import envelope as env
 from ..bus import tracing
-from ..bus.errors import (BadRequest, Cancelled, DeadlineExceeded, DependencyFailed, MalformedMessage,
-                          NalarError, PayloadTooLarge, RemoteError, UnknownActor, error_from_dict)
+from ..bus.errors import (BadRequest, BusError, Cancelled, DeadlineExceeded, DependencyFailed, MalformedMessage, NalarError,
+                          PayloadTooLarge, RemoteError, UnknownActor, error_from_dict)
 from ..bus.subjects import Subjects
 from ..bus.transport import NO_RESPONDERS, STATUS_HEADER, Transport
 from .context import current_call
@@ -26,14 +28,28 @@ from .deadlines import DeadlineWheel
 from .future import _LOCK, DONE, FAILED, LOOP_THREADS, PENDING, Future
 
 DEFAULT_TIMEOUT = 300.0
+#: Reserved for the ``traceparent`` header when checking a call's size before its span exists.
+_TRACE_HEADER_RESERVE = 80
 _INHERIT: Any = object()
 _default_runtime: "Runtime | None" = None
+log = logging.getLogger("nalar.runtime")
+
+
+def check_timeout(timeout: Any) -> float:
+    """A timeout is a finite number of seconds > 0; anything else is a ``ValueError`` at the call site."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be a finite number of seconds > 0, not {timeout!r}")
+    return float(timeout)
 
 
 def default_timeout() -> float:
+    raw = os.environ.get("NALAR_DEFAULT_TIMEOUT")
+    if raw is None:
+        return DEFAULT_TIMEOUT
     try:
-        return float(os.environ.get("NALAR_DEFAULT_TIMEOUT", DEFAULT_TIMEOUT))
+        return check_timeout(float(raw))
     except ValueError:
+        log.warning("ignoring NALAR_DEFAULT_TIMEOUT=%r (not a finite number > 0); using %s s", raw, DEFAULT_TIMEOUT)
         return DEFAULT_TIMEOUT
 
 
@@ -66,6 +82,7 @@ class Runtime:
         self._plen = len(self._reply_prefix)
         self._out: deque[tuple[str, bytes, dict[str, str] | None, str]] = deque()
         self._draining = False
+        self._drained: asyncio.Event | None = None
         self._posted: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         self._post_lock = threading.Lock()
         self._wheel = DeadlineWheel(self._expire)
@@ -89,7 +106,7 @@ class Runtime:
             return
         self.closed = True
         self._wheel.stop()
-        await self._drain_out()
+        await self.flush_out()
         for f in list(self.pending.values()):
             f._finish(FAILED, Cancelled("Cancelled", "the runtime closed", f.actor, f.method, future_id=f.id))
         self.pending.clear()
@@ -116,7 +133,10 @@ class Runtime:
         with self._post_lock:
             batch, self._posted = self._posted, []
         for fn, args in batch:
-            fn(*args)
+            try:
+                fn(*args)
+            except Exception:  # one bad item must not drop the rest of the batch
+                log.exception("nalar: posted %r failed", getattr(fn, "__name__", fn))
 
     def send(self, subject: str, data: bytes, headers: dict[str, str] | None = None, reply: str = "") -> None:
         """Publish from the loop thread without awaiting (a batch drains in one task)."""
@@ -124,6 +144,16 @@ class Runtime:
         if not self._draining:
             self._draining = True
             asyncio.get_running_loop().create_task(self._drain_out())
+
+    async def flush_out(self) -> None:
+        """Wait until everything queued with ``send`` has been handed to the transport."""
+        if self._out and not self._draining:
+            self._draining = True
+            await self._drain_out()
+        while self._draining:
+            if self._drained is None:
+                self._drained = asyncio.Event()
+            await self._drained.wait()
 
     async def _drain_out(self) -> None:
         pub = self.transport.publish
@@ -135,27 +165,32 @@ class Runtime:
                 except Exception as e:  # a closed connection or an oversize reply: never kill the loop
                     self.counters["publish_errors"] = self.counters.get("publish_errors", 0) + 1
                     if not self.closed:
-                        import logging
-
-                        logging.getLogger("nalar.runtime").warning("publish to %s failed: %r", subject, e)
+                        log.warning("publish to %s failed: %r", subject, e)
         finally:
             self._draining = False
+            if self._drained is not None:
+                self._drained.set()
+                self._drained = None
 
     # -- making calls ----------------------------------------------------------------------------
     def call(self, actor: str, method: str, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any],
              session: Any = _INHERIT, timeout: float | None = None, priority: int | None = None) -> Future[Any]:
         """Create the future and send the call; returns at once. Non-JSON arguments raise ``TypeError``."""
-        if self.closed:
-            raise NalarError("this nalar runtime is closed")
+        if self.closed or self.transport.closed:
+            raise BusError("this nalar runtime is closed (or lost its NATS connection for good)")
         n = next(self._ids)
         token = f"{n:x}"
         fid = f"{self.proc}-{token}"
         fut: Future[Any] = Future(fid, actor, method, self)
         parent = current_call.get()
         now = time.time()
-        deadline = now + (timeout if timeout is not None else self.default_timeout)
+        deadline = now + (check_timeout(timeout) if timeout is not None else self.default_timeout)
         headers = {env.H_ID: fid}
         if parent is not None:
+            if parent.done:  # a cancelled or expired call may not start new work
+                fut._finish(FAILED, Cancelled("Cancelled", "the calling method was cancelled or its deadline "
+                                              "passed", actor, method, future_id=fid))
+                return fut
             if parent.deadline and parent.deadline < deadline:
                 deadline = parent.deadline
             headers[env.H_REQ] = parent.request
@@ -174,17 +209,21 @@ class Runtime:
         if priority:
             headers[env.H_PRIORITY] = str(int(priority))
 
-        deps: list[Future[Any]] = []
-        data = env.encode_call(method, args, kwargs, _dep_encoder(deps))
+        enc = _DepEncoder()
+        data = env.encode_call(method, args, kwargs, enc)
+        deps = enc.deps
         limit = self.transport.max_payload
-        if limit and len(data) > limit:
-            raise PayloadTooLarge(len(data), limit, f"the call {actor}.{method}")
+        if limit:
+            env.check_size(data, headers, limit - _TRACE_HEADER_RESERVE, f"the call {actor}.{method}")
         if tracing.TRACER is not None:
             self._trace_call(fut, parent, headers)
         self.counters["calls"] += 1
         subject = self.subjects.call(actor)
         reply = self._reply_prefix + token
         self.pending[token] = fut
+        if self.closed:  # closed while we were building it
+            self._fail(fut, Cancelled("Cancelled", "the runtime closed", actor, method, future_id=fid))
+            return fut
         if deps:
             self._after_deps(fut, deps, subject, method, args, kwargs, headers, reply, deadline)
         elif self.on_loop():
@@ -223,7 +262,8 @@ class Runtime:
                 last = left[0] == 0
             if last:
                 try:
-                    data = env.encode_call(method, args, kwargs, _dep_encoder([]))
+                    data = env.encode_call(method, args, kwargs, _DepEncoder())
+                    env.check_size(data, headers, self.transport.max_payload, f"the call {fut.actor}.{fut.method}")
                 except (TypeError, PayloadTooLarge) as e:
                     self._fail(fut, BadRequest(type(e).__name__, str(e), fut.actor, fut.method, future_id=fut.id))
                     return
@@ -238,9 +278,15 @@ class Runtime:
         self._fail(fut, DependencyFailed(type(err).__name__, f"argument future {dep.id} failed: {err}",
                                          fut.actor, fut.method, chain=chain, future_id=fut.id))
 
-    def _fail(self, fut: Future[Any], err: BaseException) -> None:
+    def _fail(self, fut: Future[Any], err: BaseException) -> bool:
+        """Fail a future that never got a reply: out of ``pending`` and off the deadline wheel."""
         self.pending.pop(fut.id.rpartition("-")[2], None)
-        fut._finish(FAILED, err)
+        if fut._wk:
+            if self.on_loop():
+                self._wheel.discard(fut._wk, fut)
+            elif self.loop is not None and not self.closed:
+                self.post(self._wheel.discard, fut._wk, fut)
+        return fut._finish(FAILED, err)
 
     def _trace_call(self, fut: Future[Any], parent: Any, headers: dict[str, str]) -> None:
         from opentelemetry.trace import SpanKind
@@ -271,15 +317,14 @@ class Runtime:
             return
         try:
             ok, value = env.decode_reply(data)
-        except MalformedMessage as e:
+            if not ok:
+                value = error_from_dict(value)
+        except Exception as e:  # MalformedMessage, or anything odd: the future must still resolve
             self.count_malformed("reply")
             fut._finish(FAILED, BadRequest("MalformedMessage", f"malformed reply: {e}", fut.actor, fut.method,
                                            future_id=fut.id))
             return
-        if ok:
-            fut._finish(DONE, value)
-        else:
-            fut._finish(FAILED, error_from_dict(value))
+        fut._finish(DONE if ok else FAILED, value)
 
     def _expire(self, fut: Future[Any]) -> None:
         if fut._state != PENDING:
@@ -291,9 +336,7 @@ class Runtime:
 
     def cancel(self, fut: Future[Any]) -> bool:
         """Fail the future as cancelled here and tell every node to stop its work (and its children)."""
-        self.pending.pop(fut.id.rpartition("-")[2], None)
-        ok = fut._finish(FAILED, Cancelled("Cancelled", "cancelled by caller", fut.actor, fut.method,
-                                           future_id=fut.id))
+        ok = self._fail(fut, Cancelled("Cancelled", "cancelled by caller", fut.actor, fut.method, future_id=fut.id))
         if ok and not self.closed:
             body = env.dumps({"ids": [fut.id]})
             if self.on_loop():
@@ -306,13 +349,19 @@ class Runtime:
         self.malformed[where] = self.malformed.get(where, 0) + 1
 
 
-def _dep_encoder(deps: list[Future[Any]]) -> Callable[[Any], Any]:
-    """orjson ``default``: a finished future becomes its value, a pending one a dependency."""
-    def default(obj: Any) -> Any:
+class _DepEncoder(env.Encoder):
+    """Also encodes futures: a finished one becomes its value, a pending one a dependency."""
+
+    __slots__ = ("deps",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deps: list[Future[Any]] = []
+
+    def __call__(self, obj: Any) -> Any:
         if isinstance(obj, Future):
             if obj._state == DONE:
                 return obj._value
-            deps.append(obj)
+            self.deps.append(obj)
             return None
-        return env._default(obj)
-    return default
+        return super().__call__(obj)

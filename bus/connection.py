@@ -13,7 +13,7 @@ import logging
 import os
 import ssl
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import nats
 from nats.aio.client import Client as NatsClient
@@ -76,7 +76,7 @@ class ConnectOptions:
         return ctx
 
 
-async def open_connection(opts: ConnectOptions) -> NatsClient:
+async def open_connection(opts: ConnectOptions, on_closed: Callable[[], None] | None = None) -> NatsClient:
     """Connect, failing clearly if no server answers; once connected, reconnect forever."""
     nc = NatsClient()
 
@@ -93,6 +93,10 @@ async def open_connection(opts: ConnectOptions) -> NatsClient:
     async def on_reconnect() -> None:
         log.warning("nats: reconnected")
 
+    async def on_close() -> None:
+        if up[0] and on_closed is not None:
+            on_closed()
+
     kwargs: dict[str, Any] = dict(
         servers=opts.servers,
         name=opts.name,
@@ -103,6 +107,7 @@ async def open_connection(opts: ConnectOptions) -> NatsClient:
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
+        closed_cb=on_close,
         pending_size=64 * 1024 * 1024,
         flush_timeout=10,
     )

@@ -2,7 +2,8 @@
 
 It listens on a free loopback port (the server picks it: no race between choosing and binding), runs
 JetStream with a data directory, and dies with its owner (``PR_SET_PDEATHSIG`` on Linux), so a killed
-``nalar up`` leaves no orphan server behind.
+``nalar up`` leaves no orphan server behind. Linux ties that signal to the *thread* that started the
+server: start it from a thread that lives as long as you need the server (the main thread, usually).
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from typing import Awaitable, Callable, Protocol
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from .envelope import header_size
 from .errors import BusError, PayloadTooLarge
 
 log = logging.getLogger("nalar.bus")
@@ -30,6 +31,9 @@ class Subscription(Protocol):
 
 class Transport(Protocol):
     max_payload: int
+
+    @property
+    def closed(self) -> bool: ...
 
     async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None,
                       reply: str = "") -> None: ...
@@ -52,6 +56,10 @@ class NatsTransport:
         return int(self.nc.max_payload or 0)
 
     @property
+    def closed(self) -> bool:
+        return bool(self.nc.is_closed)
+
+    @property
     def connected_url(self) -> str:
         u = self.nc.connected_url
         return f"nats://{u.hostname}:{u.port}" if u else ""
@@ -59,8 +67,9 @@ class NatsTransport:
     async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None,
                       reply: str = "") -> None:
         limit = self.nc.max_payload
-        if limit and len(data) > limit:
-            raise PayloadTooLarge(len(data), limit)
+        # the server counts headers too, and answers an oversized message by closing the connection
+        if limit and len(data) + header_size(headers) > limit:
+            raise PayloadTooLarge(len(data) + header_size(headers), limit)
         await self.nc.publish(subject, data, reply=reply, headers=headers)
 
     async def subscribe(self, subject: str, handler: Handler, queue: str = "") -> Subscription:
@@ -116,12 +125,16 @@ class LocalTransport:
         self._rr = itertools.count()
         self._closed = False
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None,
                       reply: str = "") -> None:
         if self._closed:
             raise BusError("local bus is closed")
-        if len(data) > self.max_payload:
-            raise PayloadTooLarge(len(data), self.max_payload)
+        if len(data) + header_size(headers) > self.max_payload:
+            raise PayloadTooLarge(len(data) + header_size(headers), self.max_payload)
         tokens = subject.split(".")
         loop = asyncio.get_running_loop()
         groups: dict[str, list[_LocalSub]] = {}

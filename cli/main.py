@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("actors", nargs="*", metavar="module:Class[=N]", help="actor classes and instance counts")
     node.add_argument("--demo", action="store_true", help="serve the demo workload's actors")
     node.add_argument("--name", default=None, help="node name (default: HOST-PID)")
+    node.add_argument("--grace", type=float, default=10.0,
+                      help="on SIGTERM, seconds running calls get to finish before they are cancelled (default: 10)")
     _nats_args(node)
 
     call = sub.add_parser("call", help="call ACTOR.METHOD and print the result as JSON")
@@ -76,7 +78,7 @@ async def _call(a: argparse.Namespace) -> int:
     from ..actors.client import connect_async
 
     actor, _, method = a.target.partition(".")
-    if not actor or not method:
+    if not actor or not method or method.startswith("_"):
         _err(f"{a.target!r}: expected ACTOR.METHOD, e.g. Analyst.analyze")
         return EXIT_USAGE
     try:
@@ -138,7 +140,7 @@ def _node(a: argparse.Namespace) -> int:
         served = ", ".join(f"{g.name} x{len(g.instances)}" for g in node.groups.values())
         print(f"nalar node {node.name} ready on {url} (namespace {node.rt.subjects.ns!r}): {served}", flush=True)
 
-    asyncio.run(serve_node(specs, a.nats, a.namespace, a.name, ready))
+    asyncio.run(serve_node(specs, a.nats, a.namespace, a.name, ready, grace=a.grace))
     return 0
 
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 from typing import Callable
 
 from ..actors.client import resolve_namespace
@@ -10,21 +12,40 @@ from ..actors.node import Node
 from ..actors.runtime import Runtime, set_default_runtime
 from ..bus import tracing
 from ..bus.connection import ConnectOptions, open_connection
+from ..bus.errors import BusError
 from ..bus.transport import NatsTransport
 
 
 async def serve_node(specs: list[tuple[type, int | None]], url: str | None, namespace: str | None,
                      name: str | None, on_ready: Callable[[Node, str], None],
-                     stop: asyncio.Event | None = None) -> None:
+                     stop: asyncio.Event | None = None, grace: float = 10.0) -> None:
+    """Serve until a signal (a second one exits at once) or until the connection is lost for good.
+
+    Raises ``BusError`` in the latter case so the process exits non-zero and a supervisor restarts it.
+    """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    lost: list[bool] = []
+
+    def on_signal() -> None:
+        if stop.is_set():
+            print("nalar: second signal, exiting now", file=sys.stderr, flush=True)
+            os._exit(130)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         except (NotImplementedError, RuntimeError):
             pass
+
+    def on_closed() -> None:
+        if not stop.is_set():
+            lost.append(True)
+            stop.set()
+
     opts = ConnectOptions.resolve(url, name=f"nalar-node-{name or ''}".rstrip("-"))
-    nc = await open_connection(opts)
+    nc = await open_connection(opts, on_closed)
     transport = NatsTransport(nc)
     rt = Runtime(transport, resolve_namespace(namespace), name=name or "node")
     node = Node(rt, specs, name=name)
@@ -36,5 +57,7 @@ async def serve_node(specs: list[tuple[type, int | None]], url: str | None, name
         on_ready(node, transport.connected_url)
         await stop.wait()
     finally:
-        await node.stop()
+        await node.stop(grace)
         tracing.shutdown()
+    if lost:
+        raise BusError("the NATS connection was closed for good; the node stopped")

@@ -89,7 +89,7 @@ def start_node(nats_url: str, namespace: str) -> Iterator[Callable[..., NodeProc
     procs: list[NodeProc] = []
 
     def start(*specs: str, name: str | None = None, env: dict[str, str] | None = None) -> NodeProc:
-        args = [*specs, "--nats", nats_url, "--namespace", namespace]
+        args = [*specs, "--nats", nats_url, "--namespace", namespace, "--grace", "1"]
         if name:
             args += ["--name", name]
         p = NodeProc(args, node_env(env))

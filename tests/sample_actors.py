@@ -130,3 +130,56 @@ class Planner(nalar.Agent):
 
     def wait_on_gate(self) -> object:
         return self.gate.park("never").result()
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str for you")
+
+
+class Rough(nalar.Tool):
+    """Misbehaving user code: the node must survive all of it."""
+
+    def echo(self, x: object) -> object:
+        return x
+
+    def blob(self, n: int) -> str:
+        return "x" * n
+
+    def big_error(self, n: int) -> None:
+        raise ValueError("e" * n)
+
+    def base_exc(self, kind: str) -> None:
+        raise {"exit": SystemExit(3), "interrupt": KeyboardInterrupt()}[kind]
+
+    def unprintable(self) -> None:
+        raise _Unprintable()
+
+    async def async_base_exc(self) -> None:
+        raise KeyboardInterrupt()
+
+
+class BadBoot(nalar.Tool):
+    def on_start(self) -> None:
+        raise RuntimeError("cannot reach my database")
+
+    def ok(self) -> int:
+        return 1
+
+
+class Late(nalar.Agent):
+    """A sync agent that keeps working after its call was cancelled, then tries to make a child call."""
+
+    gate = nalar.stub("Gate")
+
+    def __init__(self) -> None:
+        self.child = "none"
+
+    def slow_then_call(self, seconds: float) -> object:
+        time.sleep(seconds)
+        f = self.gate.park("child")
+        self.child = "cancelled" if f.cancelled() else "sent"
+        return None
+
+    def last_child(self) -> str:
+        return self.child

@@ -82,6 +82,10 @@ def test_up_call_status_and_ctrl_c_leaves_no_orphans(tmp_path):
         assert r.returncode == 2 and "not JSON" in r.stderr
         r = _run("call", "Analyst.analyze", "[1]")
         assert r.returncode == 1 and "AttributeError" in r.stderr  # the remote error, clearly
+        r = _run("call", "Echo._private")
+        assert r.returncode == 2 and "ACTOR.METHOD" in r.stderr
+        r = _run("call", "Echo.echo", "[1]", "--timeout", "inf")
+        assert r.returncode == 2 and "finite" in r.stderr
         r = _run("call", "nodot")
         assert r.returncode == 2 and "ACTOR.METHOD" in r.stderr
 
