@@ -205,7 +205,10 @@ class Runtime:
                 parent.children.append(fut)
         headers[env.H_DEADLINE] = f"{deadline:.3f}"
         if session is not _INHERIT and session is not None:
-            headers[env.H_SESSION] = str(session)
+            session = str(session)
+            if len(session) > env.MAX_SESSION_LEN or "\n" in session or "\r" in session:
+                raise ValueError(f"a session id is one line of at most {env.MAX_SESSION_LEN} characters")
+            headers[env.H_SESSION] = session
         if priority:
             headers[env.H_PRIORITY] = str(int(priority))
 

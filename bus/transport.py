@@ -68,7 +68,7 @@ class NatsTransport:
                       reply: str = "") -> None:
         limit = self.nc.max_payload
         # the server counts headers too, and answers an oversized message by closing the connection
-        if limit and len(data) + header_size(headers) > limit:
+        if limit and len(data) + 4096 > limit and len(data) + header_size(headers) > limit:
             raise PayloadTooLarge(len(data) + header_size(headers), limit)
         await self.nc.publish(subject, data, reply=reply, headers=headers)
 
