@@ -281,7 +281,7 @@ def wait(futures: Iterable[Future[Any]], timeout: float | None = None,
     """
     fs = set(futures)
     if return_when not in (ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION):
-        raise ValueError(f"return_when must be ALL_COMPLETED, FIRST_COMPLETED or FIRST_EXCEPTION")
+        raise ValueError("return_when must be ALL_COMPLETED, FIRST_COMPLETED or FIRST_EXCEPTION")
     if threading.get_ident() in LOOP_THREADS:
         raise RuntimeError("nalar.wait blocks; inside nalar's event loop use `await nalar.gather(...)`")
     ev = threading.Event()

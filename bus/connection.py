@@ -15,7 +15,6 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import nats
 from nats.aio.client import Client as NatsClient
 
 from .discovery import find_running

@@ -15,7 +15,7 @@ from typing import Any, Awaitable, Callable
 
 import orjson
 
-from .bench_util import Child, median, node_process, pct
+from .bench_util import Child, median, node_process, pct, server_for
 
 Call = Callable[[int], Awaitable[Any]]
 
@@ -50,13 +50,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     import nats
 
     import nalar
-    from nalar.bus.server import EmbeddedNats
 
-    server = None
-    url = args.nats
-    if not url:
-        server = EmbeddedNats()
-        url = server.start()
+    server, url = server_for(args.nats)
     ns = "bench"
     children = [
         Child([sys.executable, "-m", "nalar.workloads.bench_actors", url, "bench.raw"], "raw responder ready"),

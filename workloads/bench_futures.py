@@ -10,24 +10,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import sys
 import time
 from typing import Any
 
 import orjson
 
-from .bench_util import node_process, rss_bytes
+from .bench_util import node_process, rss_bytes, server_for
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     import nalar
-    from nalar.bus.server import EmbeddedNats
 
-    server = None
-    url = args.nats
-    if not url:
-        server = EmbeddedNats()
-        url = server.start()
+    server, url = server_for(args.nats)
     ns = "benchfut"
     node = node_process(url, ns, "nalar.workloads.demo:Echo")
     try:

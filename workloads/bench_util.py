@@ -7,7 +7,7 @@ import statistics
 import subprocess
 import sys
 import threading
-from typing import Sequence
+from typing import Any, Sequence
 
 
 class Child:
@@ -43,6 +43,16 @@ class Child:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def server_for(url: str | None) -> tuple[Any, str]:
+    """Use the given NATS URL, or start an embedded server for this run (returned so it can be stopped)."""
+    if url:
+        return None, url
+    from ..bus.server import EmbeddedNats
+
+    server = EmbeddedNats()
+    return server, server.start()
 
 
 def node_process(url: str, namespace: str, *specs: str) -> Child:
