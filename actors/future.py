@@ -62,10 +62,10 @@ class Future(pykka.Future, Generic[T]):
     done = available
 
     def get(self, *, timeout: float | None = None) -> T:
-        if self._get_hook is not None:  # pykka's map/filter/join/reduce build futures this way
+        if self._get_hook is not None:  # pykka's set_get_hook() API: a value computed on first get()
             if self._get_hook_result is None:
-                self._get_hook_result = (self._get_hook(timeout),)
-            return self._get_hook_result[0]  # type: ignore[no-any-return]
+                self._get_hook_result = (self._get_hook(timeout),)  # type: ignore[assignment]
+            return self._get_hook_result[0]  # type: ignore[index,no-any-return]
         if self._state == PENDING:
             self._block(timeout)
         if self._state == DONE:

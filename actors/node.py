@@ -42,6 +42,8 @@ class Call(env.CallMessage):
 
     __slots__ = ("group", "inst", "task", "children", "span", "qspan", "otel_ctx", "done", "wk")
 
+    group: "ActorGroup"
+
     def __init__(self) -> None:
         self.inst: Instance | None = None
         self.task: asyncio.Task[None] | None = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 import math
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import orjson
 
@@ -181,8 +181,10 @@ def _id_header(headers: dict[str, str] | None) -> str:
     return fid
 
 
-def decode_call(data: bytes, headers: dict[str, str] | None, reply: str,
-                cls: type[CallMessage] = CallMessage) -> CallMessage:
+C = TypeVar("C", bound=CallMessage)
+
+
+def decode_call(data: bytes, headers: dict[str, str] | None, reply: str, cls: type[C]) -> C:
     """Validate and decode one call; raises ``MalformedMessage`` with the reason."""
     fid = _id_header(headers)
     assert headers is not None

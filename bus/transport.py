@@ -30,7 +30,8 @@ class Subscription(Protocol):
 
 
 class Transport(Protocol):
-    max_payload: int
+    @property
+    def max_payload(self) -> int: ...
 
     @property
     def closed(self) -> bool: ...
@@ -83,7 +84,7 @@ class NatsTransport:
                                        pending_bytes_limit=SUB_PENDING_BYTES)
 
     async def flush(self, timeout: float = 10.0) -> None:
-        await self.nc.flush(timeout)
+        await self.nc.flush(max(1, round(timeout)))
 
     async def close(self) -> None:
         if not self.nc.is_closed:

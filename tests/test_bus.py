@@ -19,7 +19,7 @@ def test_values_round_trip_and_non_json_is_a_type_error():
         tag: str
 
     data = env.encode_call("m", [b"\x00\xffraw", {"nested": [b"b"]}, P(1, "t"), (1, 2)], {"k": None})
-    call = env.decode_call(data, {env.H_ID: "f-1", env.H_DEADLINE: "123.5"}, "r")
+    call = env.decode_call(data, {env.H_ID: "f-1", env.H_DEADLINE: "123.5"}, "r", env.CallMessage)
     assert call.args == [b"\x00\xffraw", {"nested": [b"b"]}, {"x": 1, "tag": "t"}, [1, 2]]
     assert (call.id, call.request, call.deadline, call.kwargs) == ("f-1", "f-1", 123.5, {"k": None})
     for bad in (object(), {1}, 1j, float):
@@ -41,7 +41,7 @@ def test_values_round_trip_and_non_json_is_a_type_error():
 ])
 def test_malformed_calls_are_rejected_with_a_reason(data, headers, why):
     with pytest.raises(MalformedMessage, match=why):
-        env.decode_call(data, headers, "")
+        env.decode_call(data, headers, "", env.CallMessage)
 
 
 def test_malformed_replies_are_rejected():
