@@ -9,12 +9,14 @@ file), ``NALAR_NATS_TLS_CA`` / ``NALAR_NATS_TLS_CERT`` / ``NALAR_NATS_TLS_KEY``.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import ssl
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import nats.errors
 from nats.aio.client import Client as NatsClient
 
 from .discovery import find_running
@@ -80,9 +82,17 @@ async def open_connection(opts: ConnectOptions, on_closed: Callable[[], None] | 
     nc = NatsClient()
 
     up = [False]
+    first_errors: list[Exception] = []
+
+    fatal = asyncio.Event()
 
     async def on_error(e: Exception) -> None:  # errors of the first attempt surface as one BusError
-        if up[0] and not (nc.is_closed or nc.is_draining):
+        if not up[0]:
+            first_errors.append(e)
+            # a rejected certificate or credential will not be accepted on a retry either
+            if isinstance(e, (ssl.SSLError, nats.errors.AuthorizationError)):
+                fatal.set()
+        elif not (nc.is_closed or nc.is_draining):
             log.warning("nats: %r", e)
 
     async def on_disconnect() -> None:
@@ -122,14 +132,26 @@ async def open_connection(opts: ConnectOptions, on_closed: Callable[[], None] | 
     tls = opts.tls_context()
     if tls is not None:
         kwargs["tls"] = tls
+    # nats-py can hang after some first-connect failures (a TLS certificate it rejects, for one), so
+    # the whole first attempt gets a budget of its own: 3 tries per server plus the back-off.
+    budget = (opts.connect_timeout + 1.0) * 3 * max(1, len(opts.servers)) + 2.0
+    connecting = asyncio.ensure_future(nc.connect(**kwargs))
+    gave_up = asyncio.ensure_future(fatal.wait())
     try:
-        await nc.connect(**kwargs)
+        await asyncio.wait({connecting, gave_up}, timeout=budget, return_when=asyncio.FIRST_COMPLETED)
+        if not connecting.done():
+            connecting.cancel()
+            raise asyncio.TimeoutError()
+        connecting.result()
     except Exception as e:  # nats-py raises several types here; one clear message for all
         try:
-            await nc.close()
+            await asyncio.wait_for(nc.close(), 2.0)  # closing a half-made connection can hang too
         except Exception:
             pass
-        raise BusError(f"cannot connect to NATS at {', '.join(opts.servers)}: {e!r}") from e
+        cause = first_errors[-1] if isinstance(e, asyncio.TimeoutError) and first_errors else e
+        raise BusError(f"cannot connect to NATS at {', '.join(opts.servers)}: {cause!r}") from e
+    finally:
+        gave_up.cancel()
     nc.options["max_reconnect_attempts"] = -1
     up[0] = True
     return nc

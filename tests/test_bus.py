@@ -112,3 +112,29 @@ def test_auth_options_pass_through(tmp_path, monkeypatch, conf, env_vars):
             c.close()
     finally:
         server.stop()
+
+
+def test_tls_options_pass_through(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: cannot make a test certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    conf = f'tls {{ cert_file: "{cert}", key_file: "{key}" }}'
+    server = EmbeddedNats(data_dir=str(tmp_path / "d"), jetstream=False, extra_config=conf)
+    url = server.start().replace("nats://", "tls://")
+    try:
+        with pytest.raises(nalar.BusError, match="CERTIFICATE_VERIFY_FAILED"):
+            nalar.connect(url, "tls")  # the self-signed certificate is not trusted yet
+        monkeypatch.setenv("NALAR_NATS_TLS_CA", str(cert))
+        c = nalar.connect(url, "tls")
+        try:
+            assert c.status(timeout=0.3) == []
+        finally:
+            c.close()
+    finally:
+        server.stop()
