@@ -138,3 +138,28 @@ def test_tls_options_pass_through(tmp_path, monkeypatch):
             c.close()
     finally:
         server.stop()
+
+
+def test_nkey_auth_passes_through(tmp_path, monkeypatch):
+    import os
+
+    import nkeys
+
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    seed_file = tmp_path / "user.nk"
+    seed_file.write_bytes(seed)
+    conf = f'authorization {{ users = [ {{ nkey: "{public}" }} ] }}'
+    server = EmbeddedNats(data_dir=str(tmp_path / "d"), jetstream=False, extra_config=conf)
+    url = server.start()
+    try:
+        with pytest.raises(nalar.BusError):
+            nalar.connect(url, "nk")
+        monkeypatch.setenv("NALAR_NATS_NKEY", str(seed_file))
+        c = nalar.connect(url, "nk")
+        try:
+            assert c.status(timeout=0.3) == []
+        finally:
+            c.close()
+    finally:
+        server.stop()
