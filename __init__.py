@@ -9,14 +9,17 @@ of the installed ``nalar`` instead of an error or a second copy of the package.
 """
 from nalar.actors import (ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Actor, Agent, Client, Future, Hints, Local,
                      Model, Tool, connect, connect_async, deadline, gather, hints, local, session, stub, wait)
-from nalar.bus.errors import (BadRequest, BusError, Cancelled, DeadlineExceeded, DependencyFailed, MalformedMessage,
-                         NalarError, Overloaded, PayloadTooLarge, RemoteError, ServerNotFound, Timeout,
-                         UnknownActor, UnknownMethod)
+from nalar.bus.errors import (BadRequest, BusError, Cancelled, Conflict, DeadlineExceeded, DependencyFailed,
+                              MalformedMessage, NalarError, Overloaded, PayloadTooLarge, RemoteError, ServerNotFound,
+                              StateError, StateFull, Timeout, UnknownActor, UnknownMethod)
+from nalar.state.managed import ManagedDict, ManagedList, ManagedValue, managed_dict, managed_list, managed_value
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ALL_COMPLETED", "Actor", "Agent", "BadRequest", "BusError", "Cancelled", "Client", "DeadlineExceeded",
+    "ALL_COMPLETED", "Actor", "Agent", "BadRequest", "BusError", "Cancelled", "Client", "Conflict", "DeadlineExceeded",
+    "ManagedDict", "ManagedList", "ManagedValue", "StateError", "StateFull", "managed_dict", "managed_list",
+    "managed_value",
     "DependencyFailed", "FIRST_COMPLETED", "FIRST_EXCEPTION", "Future", "Hints", "Local", "MalformedMessage",
     "Model", "NalarError", "Overloaded", "PayloadTooLarge", "RemoteError", "ServerNotFound", "Timeout", "Tool",
     "UnknownActor", "UnknownMethod", "connect", "connect_async", "deadline", "gather", "hints", "local", "session", "stub",

@@ -83,6 +83,44 @@ class Client:
     async def status_async(self, timeout: float = 2.0) -> list[dict[str, Any]]:
         return await gather_status(self.runtime, timeout)
 
+    # -- session state ------------------------------------------------------------------------------
+    async def state_async(self, session: str, what: str = "show") -> dict[str, Any]:
+        """What the nodes hold for ``session``: ``show`` (latest objects) or ``log`` (versions)."""
+        if what not in ("show", "log"):
+            raise ValueError("what is 'show' or 'log'")
+        units: dict[str, Any] = {}
+        where: dict[str, str] = {}
+        for st in await gather_status(self.runtime, 2.0):
+            if not st.get("state"):
+                continue
+            node = str(st["node"])
+            got = await self.runtime.transport_request(self.runtime.subjects.node(node),
+                                                       {"op": what, "session": session})
+            for actor, value in got.get("units", {}).items():
+                units[actor] = value
+                where[actor] = node
+        return {"session": session, "units": units, "nodes": where}
+
+    def state_show(self, session: str) -> dict[str, Any]:
+        return self._run(self.state_async(session, "show"))
+
+    def state_log(self, session: str) -> dict[str, Any]:
+        return self._run(self.state_async(session, "log"))
+
+    async def migrate_async(self, session: str, src: str, dst: str, timeout: float = 300.0) -> dict[str, Any]:
+        """Move every unit of ``session`` held by node ``src`` to node ``dst`` (placement follows once durable)."""
+        return await self.runtime.transport_request(self.runtime.subjects.node(dst),  # type: ignore[no-any-return]
+                                                    {"op": "pull", "session": session, "from": src}, timeout)
+
+    def migrate(self, session: str, src: str, dst: str, timeout: float = 300.0) -> dict[str, Any]:
+        return self._run(self.migrate_async(session, src, dst, timeout), timeout + 5)
+
+    def _run(self, coro: Any, timeout: float = 60.0) -> Any:
+        if self._lt is None:
+            coro.close()
+            raise RuntimeError("this client runs on your loop: use the *_async method")
+        return self._lt.run(coro, timeout)
+
     def close(self) -> None:
         """Close the connection (pending calls fail as cancelled); closing twice is fine."""
         if self._lt is None:

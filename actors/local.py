@@ -19,9 +19,11 @@ from .stub import Stub
 class Local:
     """``with nalar.local(Analyst, (Research, 2)) as app: app.stub(Analyst).analyze("q").result()``."""
 
-    def __init__(self, *actors: Any, namespace: str = "local") -> None:
+    def __init__(self, *actors: Any, namespace: str = "local", state_dir: str | None = None) -> None:
         self.specs: list[tuple[type, int | None]] = [a if isinstance(a, tuple) else (a, None) for a in actors]
         self.namespace = namespace
+        self.state_dir = state_dir  # None: a temporary directory, removed when local mode stops
+        self._tmp: str | None = None
         self._lt: LoopThread | None = None
         self.runtime: Runtime | None = None
         self.node: Node | None = None
@@ -34,7 +36,11 @@ class Local:
         async def boot() -> Node:
             assert self.runtime is not None
             await self.runtime.start()
-            node = Node(self.runtime, self.specs, name="local")
+            if self.state_dir is None:
+                import tempfile
+
+                self._tmp = tempfile.mkdtemp(prefix="nalar-local-state-")
+            node = Node(self.runtime, self.specs, name="local", state_dir=self.state_dir or self._tmp)
             await node.start()
             return node
 
@@ -63,6 +69,11 @@ class Local:
         finally:
             self._lt.stop()
             self._lt = None
+            if self._tmp is not None:
+                import shutil
+
+                shutil.rmtree(self._tmp, ignore_errors=True)
+                self._tmp = None
 
     def __enter__(self) -> "Local":
         return self.start() if self._lt is None else self
@@ -71,6 +82,9 @@ class Local:
         self.stop()
 
 
-def local(*actors: Any, namespace: str = "local") -> Local:
-    """Build local mode for these actor classes (or ``(class, instances)`` pairs); use it with ``with``."""
-    return Local(*actors, namespace=namespace)
+def local(*actors: Any, namespace: str = "local", state_dir: str | None = None) -> Local:
+    """Build local mode for these actor classes (or ``(class, instances)`` pairs); use it with ``with``.
+
+    Session state lives in ``state_dir``, by default a temporary directory removed at the end.
+    """
+    return Local(*actors, namespace=namespace, state_dir=state_dir)

@@ -24,23 +24,30 @@ import pykka
 
 from ..bus import envelope as env
 from ..bus import tracing
-from ..bus.errors import MalformedMessage, RemoteError
+from ..bus.errors import MalformedMessage, RemoteError, StateError
 from ..bus.subjects import check_token
+from ..state import keys as state_keys
+from ..state.managed import Txn, current_txn
 from .base import Actor, actor_name, public_methods
 from .context import current_call
 from .deadlines import DeadlineWheel
 from .future import Future
 from .hints import Hints, hints_of
 from .runtime import Runtime
+from .sessions import Sessions
 
 DEFAULT_MAX_QUEUE = 100_000
+_LATER = object()  # a control op that answers later, from a task
+#: Times a call whose commit lost a race on its session's objects is re-run before it fails.
+MAX_CONFLICT_RETRIES = 8
 log = logging.getLogger("nalar.node")
 
 
 class Call(env.CallMessage):
     """A call accepted by this node: the wire fields plus where and how it runs."""
 
-    __slots__ = ("group", "inst", "task", "children", "span", "qspan", "otel_ctx", "done", "wk")
+    __slots__ = ("group", "inst", "task", "children", "span", "qspan", "otel_ctx", "done", "wk",
+                 "unit", "txn", "committing", "conflicts", "also")
 
     group: "ActorGroup"
 
@@ -53,6 +60,11 @@ class Call(env.CallMessage):
         self.otel_ctx: Any = None
         self.done = False
         self.wk = 0
+        self.unit: bytes = b""  # (session, actor) for stateful calls with a session
+        self.txn: Txn | None = None
+        self.committing = False
+        self.conflicts = 0
+        self.also: list[str] | None = None  # reply subjects of retries that found it running
 
 
 class Instance:
@@ -145,10 +157,12 @@ class Node:
     """Hosts instances of the given actor classes and serves them over the runtime's bus."""
 
     def __init__(self, runtime: Runtime, actors: list[tuple[type, int | None]], name: str | None = None,
-                 max_queue: int = DEFAULT_MAX_QUEUE) -> None:
+                 max_queue: int = DEFAULT_MAX_QUEUE, state_dir: str | None = None) -> None:
         self.rt = runtime
         self.name = check_token(name or default_node_name(), "node name")
         self.max_queue = max_queue
+        self.state_dir = state_dir
+        self.sessions: Sessions | None = None
         self.groups: dict[str, ActorGroup] = {}
         self.active: dict[str, Call] = {}
         self._specs = actors
@@ -185,6 +199,13 @@ class Node:
         """Run every instance's ``on_start`` (a failure fails the start), then subscribe."""
         rt = self.rt
         loop = asyncio.get_running_loop()
+        if any(g.hints.stateful for g in self.groups.values()):
+            import os as _os
+
+            from ..bus.discovery import home
+
+            path = self.state_dir or str(home() / "state" / self.name)
+            self.sessions = await Sessions.open(self, _os.path.abspath(path))
         for g in self.groups.values():
             for inst in g.instances:
                 try:
@@ -248,6 +269,8 @@ class Node:
                 await s.unsubscribe()
             except Exception:
                 pass
+        if self.sessions is not None:
+            self.sessions.close()
         await self.rt.close()
 
     # -- serving calls ----------------------------------------------------------------------------
@@ -266,8 +289,10 @@ class Node:
             self._reject(c, "unknown_method", "UnknownMethod",
                          f"actor {g.name!r} has no method {c.method!r}; it has {sorted(g.methods)}")
             return
-        if c.id in self.active:
-            self._reject(c, "bad_request", "BadRequest", f"a call with id {c.id!r} is already running here")
+        running = self.active.get(c.id)
+        if running is not None:  # a retry of a call still running here: it gets the same answer
+            if c.reply and c.reply != running.reply:
+                running.also = (running.also or []) + [c.reply]
             return
         now = time.time()
         if not c.deadline:  # nothing waits forever: a call without a deadline gets the default
@@ -283,6 +308,19 @@ class Node:
             self._trace_receive(c)
         self.active[c.id] = c
         c.wk = self._wheel.add(c.deadline, c)
+        if c.session and g.hints.stateful and self.sessions is not None:
+            try:
+                c.unit = state_keys.unit(c.session, g.name)
+            except ValueError as e:
+                self._fail_call(c, "bad_request", "BadRequest", str(e))
+                return
+            self.sessions.admit(c)  # runs it when its state is here and its turn comes
+            return
+        self._enqueue(c)
+
+    def _enqueue(self, c: Call) -> None:
+        """Bind to an instance now if one has room, else wait in the actor's queue."""
+        g = c.group
         inst = self._pick(g, g.methods[c.method]) if not g.queue else None
         if inst is None:
             g.queue.append(c)
@@ -309,6 +347,8 @@ class Node:
     def _dispatch(self, inst: Instance, c: Call) -> None:
         c.inst = inst
         inst.running += 1
+        if c.unit and self.sessions is not None:
+            c.txn = Txn(self.sessions.store, c.unit)
         if c.qspan is not None:
             c.qspan.end()
             c.qspan = None
@@ -339,6 +379,7 @@ class Node:
 
     async def _run_async(self, inst: Instance, c: Call) -> None:
         current_call.set(c)
+        current_txn.set(c.txn)
         try:
             value = await getattr(inst.obj, c.method)(*c.args, **c.kwargs)
             ok = True
@@ -354,12 +395,14 @@ class Node:
             self.rt.post(self._complete, inst, c, False, None)
             return
         token = current_call.set(c)
+        ttoken = current_txn.set(c.txn)
         try:
             value = getattr(inst.obj, c.method)(*c.args, **c.kwargs)
             ok = True
         except BaseException as e:  # never let pykka see SystemExit & co: it would stop every actor
             value, ok = error_dict(e, inst.group.name, c.method, c.id), False
         finally:
+            current_txn.reset(ttoken)
             current_call.reset(token)
         self.rt.post(self._complete, inst, c, ok, value)
 
@@ -390,6 +433,55 @@ class Node:
             self._finish(c, False, d)
 
     def _finish(self, c: Call, ok: bool, value: Any) -> None:
+        """The method is done: encode its answer, commit its state changes first if it made any."""
+        if c.done or c.committing:
+            return
+        g = c.group
+        if ok:
+            try:
+                data = env.encode_result(value)
+                env.check_size(data, {env.H_ID: c.id}, self.rt.transport.max_payload,
+                               f"the result of {g.name}.{c.method}")
+                writes = c.txn.changes() if c.txn is not None else None
+            except (TypeError, ValueError) as e:
+                ok, value = False, _err("error", type(e).__name__, str(e), c)
+            else:
+                if writes:
+                    assert self.sessions is not None
+                    c.committing = True
+                    self.sessions.commit(c, writes, data)
+                    return
+        if not ok:
+            if value is None:
+                value = _err("cancelled", "Cancelled", "cancelled", c)
+            data = env.encode_error(value)
+        self._respond(c, ok, data, value)
+
+    def _committed(self, c: Call, outcome: Any, body: bytes) -> None:
+        """The commit's outcome (on the loop): answer, or re-run the call if it lost a race."""
+        c.committing = False
+        kind = outcome[0]
+        if kind == "ok":
+            self._respond(c, True, body)
+        elif kind == "duplicate":  # an earlier attempt committed first: its answer stands
+            self._respond(c, True, outcome[2])
+        elif kind == "conflict" and c.conflicts < MAX_CONFLICT_RETRIES and not c.done:
+            c.conflicts += 1
+            c.txn = None
+            c.inst = None
+            self._enqueue(c)  # from its new base version
+        else:
+            err = outcome[1]
+            self._respond(c, False, env.encode_error(
+                {"kind": getattr(err, "kind", "state"), "type": getattr(err, "type", "StateError"),
+                 "message": str(getattr(err, "message", err)), "actor": c.group.name, "method": c.method,
+                 "traceback": "", "chain": [], "future_id": c.id}), None)
+
+    def _fail_call(self, c: Call, kind: str, type_: str, message: str) -> None:
+        self._respond(c, False, env.encode_error(_err(kind, type_, message, c)), None)
+
+    def _respond(self, c: Call, ok: bool, data: bytes, value: Any = None) -> None:
+        """Send the answer (to every caller waiting on this id) and forget the call."""
         if c.done:
             return
         c.done = True
@@ -399,31 +491,26 @@ class Node:
             self._wheel.discard(c.wk, c)
         g = c.group
         if ok:
-            try:
-                data = env.encode_result(value)
-                env.check_size(data, {env.H_ID: c.id}, self.rt.transport.max_payload,
-                               f"the result of {g.name}.{c.method}")
-            except (TypeError, ValueError) as e:
-                ok, value = False, _err("error", type(e).__name__, str(e), c)
-        if ok:
             self.counters["done"] += 1
             g.done += 1
         else:
-            if value is None:
-                value = _err("cancelled", "Cancelled", "cancelled", c)
-            data = env.encode_error(value)
             self.counters["failed"] += 1
             g.failed += 1
+        headers = {env.H_ID: c.id}
         if c.reply:
-            self.rt.send(c.reply, data, {env.H_ID: c.id})
+            self.rt.send(c.reply, data, headers)
+        for r in c.also or ():
+            self.rt.send(r, data, headers)
         if c.span is not None:
-            self._trace_finish(c, ok, value)
+            self._trace_finish(c, ok, value if isinstance(value, dict) else {})
+        if c.unit and self.sessions is not None:
+            self.sessions.release(c)
         if not self.active:
             self._idle.set()
 
     # -- cancellation and deadlines ----------------------------------------------------------------
     def _abort(self, c: Call, kind: str, type_: str, message: str) -> None:
-        if c.done:
+        if c.done or c.committing:  # a commit under way finishes (quickly) and is answered
             return
         if c.inst is None:
             try:
@@ -433,7 +520,8 @@ class Node:
         elif c.task is not None:
             c.task.cancel()
         children = c.children
-        self._finish(c, False, _err(kind, type_, message, c))
+        err = _err(kind, type_, message, c)
+        self._respond(c, False, env.encode_error(err), err)
         for child in children or ():
             child.cancel()
 
@@ -483,7 +571,16 @@ class Node:
             "armed_deadlines": len(self._wheel),
             "counters": dict(self.counters, **self.rt.counters), "malformed": dict(self.rt.malformed),
             "subjects": self.subscriptions(), "tracing": tracing.TRACER is not None,
+            "state": self._state_status(),
         }
+
+    def _state_status(self) -> dict[str, Any] | None:
+        s = self.sessions
+        if s is None:
+            return None
+        return {"path": s.store.path, "map_size": s.store.map_size(), "held": len(s.held),
+                "commit_batches": s.committer.batches, "commit_ops": s.committer.ops,
+                "pulled": s.pulled, "exported": s.exported, "moving": len(s.moving)}
 
     def _on_status(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
         self._answer("status", reply, data, lambda body: self.status())
@@ -495,14 +592,78 @@ class Node:
                 return self.status()
             if op == "ping":
                 return {"node": self.name, "pong": True}
-            raise MalformedMessage(f"unknown control op {op!r}; known: status, ping")
+            if op in ("export", "export_done", "pull", "units", "show", "log"):
+                if self.sessions is None:
+                    raise MalformedMessage(f"node {self.name} hosts no stateful actor")
+                return self._state_op(op, body, reply)
+            raise MalformedMessage(f"unknown control op {op!r}; known: status, ping, export, export_done, "
+                                   "pull, units, show, log")
         self._answer("control", reply, data, handle)
+
+    def _state_op(self, op: str, body: dict[str, Any], reply: str) -> Any:
+        """Session-state control ops; the slow ones answer later from a task (``_LATER``)."""
+        assert self.sessions is not None
+        sessions = self.sessions
+        session = body.get("session")
+        if not isinstance(session, str) or not session:
+            raise MalformedMessage(f"{op} needs a 'session'")
+        if op == "units":
+            return sessions.units_of(session)
+        if op in ("show", "log"):
+            out = {}
+            for actor in sessions.units_of(session):
+                u = state_keys.unit(session, actor)
+                out[actor] = sessions.store.snapshot(u) if op == "show" else sessions.store.log(u)
+            return {"node": self.name, "session": session, "units": out}
+        if op == "pull":
+            src = body.get("from")
+            if not isinstance(src, str) or not src:
+                raise MalformedMessage("pull needs 'from' (the node that holds the session)")
+            asyncio.get_running_loop().create_task(self._pull_session(session, src, reply))
+            return _LATER
+        actor = body.get("actor")
+        if not isinstance(actor, str) or actor not in self.groups:
+            raise MalformedMessage(f"{op} needs an 'actor' hosted here")
+        u = state_keys.unit(session, actor)
+        if op == "export_done":
+            sessions.confirmed(u)
+            return _LATER
+        to = body.get("to")
+        if not reply or not isinstance(to, str):
+            raise MalformedMessage("export needs a reply subject and 'to'")
+        asyncio.get_running_loop().create_task(sessions.export(u, reply, to))
+        return _LATER
+
+    async def _pull_session(self, session: str, src: str, reply: str) -> None:
+        """``migrate(session, src, here)``: bring every unit of the session that ``src`` holds."""
+        assert self.sessions is not None
+        t0 = time.perf_counter()
+        moved, size = [], 0
+        try:
+            if src == self.name:
+                raise ValueError("source and destination are the same node")
+            msg = await self.rt.transport_request(self.rt.subjects.node(src), {"op": "units", "session": session})
+            for actor in msg:
+                if actor in self.groups:
+                    size += await self.sessions.pull(state_keys.unit(session, actor), src)
+                    moved.append(actor)
+        except Exception as e:
+            if reply:
+                self.rt.send(reply, env.encode_error({"kind": "state", "type": type(e).__name__, "message": str(e)}))
+            return
+        if reply:
+            self.rt.send(reply, env.encode_result({"moved": moved, "bytes": size, "from": src, "to": self.name,
+                                                   "ms": round((time.perf_counter() - t0) * 1000, 3)}))
 
     def _answer(self, where: str, reply: str, data: bytes, fn: Any) -> None:
         try:
             body = env.decode_json_object(data, where)
-            out = env.encode_result(fn(body))
-        except MalformedMessage as e:
+            result = fn(body)
+            if result is _LATER:
+                return
+            out = env.encode_result(result)
+            env.check_size(out, None, self.rt.transport.max_payload, f"the answer to {where}")
+        except (MalformedMessage, StateError, ValueError) as e:
             self.rt.count_malformed(where)
             if reply:
                 self.rt.send(reply, env.encode_error({"kind": "bad_request", "type": "MalformedMessage",

@@ -348,6 +348,30 @@ class Runtime:
                 self.post(self.send, self.subjects.cancel, body)
         return ok
 
+    async def transport_request(self, subject: str, body: dict[str, Any], timeout: float = 30.0) -> Any:
+        """One control request/reply (not a call): returns the value or raises ``RemoteError``."""
+        inbox = self.subjects.inbox(self.proc, f"req{next(self._ids):x}")
+        loop = asyncio.get_running_loop()
+        got: asyncio.Future[bytes] = loop.create_future()
+
+        def on(subj: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+            if not got.done():
+                if not data and headers and headers.get(STATUS_HEADER) == NO_RESPONDERS:
+                    got.set_exception(UnknownActor("NoResponders", f"nobody listens on {subject}"))
+                else:
+                    got.set_result(data)
+
+        sub = await self.transport.subscribe(inbox, on)
+        try:
+            await self.transport.publish(subject, env.dumps(body), None, inbox)
+            data = await asyncio.wait_for(got, timeout)
+        finally:
+            await sub.unsubscribe()
+        ok, value = env.decode_reply(data)
+        if not ok:
+            raise error_from_dict(value)
+        return value
+
     def count_malformed(self, where: str) -> None:
         self.malformed[where] = self.malformed.get(where, 0) + 1
 

@@ -133,10 +133,28 @@ class DependencyFailed(RemoteError):
     kind = "dependency"
 
 
+class StateError(RemoteError):
+    """Session state could not be read, committed or moved (the message says why)."""
+
+    kind = "state"
+
+
+class StateFull(StateError):
+    """The node's LMDB map reached its maximum size: nothing was written."""
+
+    kind = "state_full"
+
+
+class Conflict(StateError):
+    """Another call committed the same session objects first (retried by the runtime before you see it)."""
+
+    kind = "conflict"
+
+
 _KINDS: dict[str, type[RemoteError]] = {
     cls.kind: cls
     for cls in (RemoteError, UnknownActor, UnknownMethod, BadRequest, DeadlineExceeded, Cancelled,
-                Overloaded, DependencyFailed)
+                Overloaded, DependencyFailed, StateError, StateFull, Conflict)
 }
 
 

@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("actors", nargs="*", metavar="module:Class[=N]", help="actor classes and instance counts")
     node.add_argument("--demo", action="store_true", help="serve the demo workload's actors")
     node.add_argument("--name", default=None, help="node name (default: HOST-PID)")
+    node.add_argument("--state-dir", default=None,
+                      help="LMDB directory for session state (default: $NALAR_HOME/state/NODE-NAME)")
     node.add_argument("--grace", type=float, default=10.0,
                       help="on SIGTERM, seconds running calls get to finish before they are cancelled (default: 10)")
     _nats_args(node)
@@ -140,7 +142,7 @@ def _node(a: argparse.Namespace) -> int:
         served = ", ".join(f"{g.name} x{len(g.instances)}" for g in node.groups.values())
         print(f"nalar node {node.name} ready on {url} (namespace {node.rt.subjects.ns!r}): {served}", flush=True)
 
-    asyncio.run(serve_node(specs, a.nats, a.namespace, a.name, ready, grace=a.grace))
+    asyncio.run(serve_node(specs, a.nats, a.namespace, a.name, ready, grace=a.grace, state_dir=a.state_dir))
     return 0
 
 

@@ -18,7 +18,8 @@ from ..bus.transport import NatsTransport
 
 async def serve_node(specs: list[tuple[type, int | None]], url: str | None, namespace: str | None,
                      name: str | None, on_ready: Callable[[Node, str], None],
-                     stop: asyncio.Event | None = None, grace: float = 10.0) -> None:
+                     stop: asyncio.Event | None = None, grace: float = 10.0,
+                     state_dir: str | None = None) -> None:
     """Serve until a signal (a second one exits at once) or until the connection is lost for good.
 
     Raises ``BusError`` in the latter case so the process exits non-zero and a supervisor restarts it.
@@ -48,7 +49,7 @@ async def serve_node(specs: list[tuple[type, int | None]], url: str | None, name
     nc = await open_connection(opts, on_closed)
     transport = NatsTransport(nc)
     rt = Runtime(transport, resolve_namespace(namespace), name=name or "node")
-    node = Node(rt, specs, name=name)
+    node = Node(rt, specs, name=name, state_dir=state_dir)
     rt.name = node.name
     await rt.start()
     set_default_runtime(rt)

@@ -85,11 +85,12 @@ class NodeProc:
 
 
 @pytest.fixture
-def start_node(nats_url: str, namespace: str) -> Iterator[Callable[..., NodeProc]]:
+def start_node(nats_url: str, namespace: str, tmp_path: Path) -> Iterator[Callable[..., NodeProc]]:
     procs: list[NodeProc] = []
 
     def start(*specs: str, name: str | None = None, env: dict[str, str] | None = None) -> NodeProc:
-        args = [*specs, "--nats", nats_url, "--namespace", namespace, "--grace", "1"]
+        state = tmp_path / "state" / (name or f"node{len(procs)}")
+        args = [*specs, "--nats", nats_url, "--namespace", namespace, "--grace", "1", "--state-dir", str(state)]
         if name:
             args += ["--name", name]
         p = NodeProc(args, node_env(env))

@@ -183,3 +183,57 @@ class Late(nalar.Agent):
 
     def last_child(self) -> str:
         return self.child
+
+
+@nalar.hints(stateful=True)
+class Counter(nalar.Agent):
+    """Session state through managed objects (a sync, stateful agent)."""
+
+    def incr(self, by: int = 1) -> int:
+        n = nalar.managed_value("n", 0)
+        n.value += by
+        return n.value
+
+    def get(self) -> int:
+        return nalar.managed_value("n", 0).value
+
+    def incr_then_fail(self) -> None:
+        nalar.managed_value("n", 0).value += 100
+        raise ValueError("changed my mind")
+
+    def note(self, text: str) -> int:
+        notes = nalar.managed_list("notes")
+        notes.append(text)
+        return len(notes)
+
+    def notes(self) -> list[str]:
+        return list(nalar.managed_list("notes"))
+
+    def put_blob(self, n: int) -> int:
+        d = nalar.managed_dict("blob")
+        d["data"] = "x" * n
+        d["sum"] = n
+        return n
+
+    def blob(self) -> dict[str, int]:
+        d = nalar.managed_dict("blob")
+        return {"len": len(d.get("data", "")), "sum": d.get("sum", 0)}
+
+    def where(self) -> int:
+        return os.getpid()
+
+
+@nalar.hints(stateful=True, max_concurrency=None)
+class AsyncCounter(nalar.Agent):
+    """The same, as async methods."""
+
+    async def incr(self, by: int = 1) -> int:
+        n = nalar.managed_value("n", 0)
+        await asyncio.sleep(0)
+        n.value += by
+        return n.value
+
+
+class NotStateful(nalar.Agent):
+    def touch(self) -> int:
+        return len(nalar.managed_list("x"))

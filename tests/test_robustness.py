@@ -172,21 +172,28 @@ def test_a_cancelled_sync_call_cannot_start_new_work(start_node, client):
     assert gate.stats().result(30)["started"] == 0
 
 
-def test_duplicate_call_ids_are_rejected(start_node, nats_url, namespace):
+def test_a_repeated_call_id_joins_the_running_call(start_node, nats_url, namespace, client):
+    """A retry that reaches the node still running the original gets the same answer; it runs once."""
     start_node("sample_actors:Gate")
 
-    async def main() -> dict:
+    async def main() -> list[dict]:
         nc = await nats.connect(nats_url)
-        body = b'{"m": "park", "a": [1]}'
+        body = b'{"m": "park", "a": ["once"]}'
+        subject = f"nalar.{namespace}.call.Gate"
         first = await nc.subscribe("dup.first")
-        await nc.publish(f"nalar.{namespace}.call.Gate", body, reply="dup.first", headers={"Nalar-Id": "dup-1"})
-        second = await nc.request(f"nalar.{namespace}.call.Gate", body, timeout=10, headers={"Nalar-Id": "dup-1"})
-        await first.unsubscribe()
+        second = await nc.subscribe("dup.second")
+        await nc.publish(subject, body, reply="dup.first", headers={"Nalar-Id": "dup-1"})
+        await nc.flush()
+        await asyncio.get_running_loop().run_in_executor(None, lambda: client.stub("Gate").wait_started(1).result(30))
+        await nc.publish(subject, body, reply="dup.second", headers={"Nalar-Id": "dup-1", "Nalar-Attempt": "1"})
+        await nc.flush()
+        await asyncio.get_running_loop().run_in_executor(None, lambda: client.stub("Gate").release().result(30))
+        out = [orjson.loads((await first.next_msg(10)).data), orjson.loads((await second.next_msg(10)).data)]
         await nc.close()
-        return orjson.loads(second.data)
+        return out
 
-    reply = asyncio.run(main())
-    assert reply["e"]["kind"] == "bad_request" and "already running" in reply["e"]["message"]
+    assert asyncio.run(main()) == [{"v": "once"}, {"v": "once"}]
+    assert client.stub("Gate").stats().result(30)["started"] == 1
 
 
 def test_client_close_is_idempotent_and_later_calls_fail_clearly(nats_url, namespace):

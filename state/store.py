@@ -1,0 +1,232 @@
+"""The per-node LMDB store: reads from any thread, writes only through the group committer.
+
+The map starts small and doubles when full, up to ``max_map_size`` (``NALAR_STATE_MAX_MAP``, default
+64 GiB); past that a write fails with ``StateFull`` and nothing is half-written, because every
+batch is one LMDB transaction. Growing the map needs no open transaction in the process, so readers
+hold a shared lock that the grower takes exclusively for the instant it resizes.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, TypeVar
+
+import lmdb
+import orjson
+
+from ..bus.errors import StateError
+from . import keys as K
+
+T = TypeVar("T")
+DEFAULT_MAP_SIZE = 64 * 1024 * 1024
+DEFAULT_MAX_MAP_SIZE = 64 * 1024 ** 3
+#: Versions of a unit kept for inspection and for recognising retried futures; older ones are compacted.
+DEFAULT_HISTORY = 1000
+
+
+class _RWLock:
+    """Many readers or one map-grower."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._growing = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._growing:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._growing:
+                self._cond.wait()
+            self._growing = True
+            while self._readers:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._growing = False
+                self._cond.notify_all()
+
+
+def _json(data: bytes, what: str) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise StateError("StateError", f"the store holds garbage where {what} should be (not JSON)") from None
+
+
+def decode_head(data: bytes | None, u: bytes) -> dict[str, Any] | None:
+    if data is None:
+        return None
+    h = _json(data, "a head record")
+    if not (isinstance(h, dict) and isinstance(h.get("v"), int) and isinstance(h.get("o"), dict)):
+        raise StateError("StateError", f"corrupt head record for {K.split_unit(u)}")
+    return h
+
+
+def decode_future(data: bytes) -> tuple[dict[str, Any], bytes]:
+    meta, sep, body = data.partition(b"\n")
+    m = _json(meta, "a future record")
+    if not sep or not isinstance(m, dict) or not isinstance(m.get("v"), int):
+        raise StateError("StateError", "corrupt future record")
+    return m, body
+
+
+class Store:
+    """One LMDB environment holding every unit this node holds."""
+
+    def __init__(self, path: str, map_size: int = DEFAULT_MAP_SIZE, max_map_size: int | None = None,
+                 sync: bool = True, history: int = DEFAULT_HISTORY) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.path = path
+        self.max_map_size = max_map_size or int(os.environ.get("NALAR_STATE_MAX_MAP", DEFAULT_MAX_MAP_SIZE))
+        self.history = max(1, history)
+        self.sync = sync
+        try:
+            self.env = lmdb.open(path, map_size=min(map_size, self.max_map_size), subdir=True, max_readers=2048,
+                                 sync=sync, metasync=sync, max_dbs=0, lock=True)
+        except lmdb.Error as e:
+            raise StateError("StateError", f"cannot open the state store at {path}: {e}") from None
+        self._lock = _RWLock()
+
+    def close(self) -> None:
+        with self._lock.exclusive():
+            self.env.close()
+
+    # -- reads (any thread) -------------------------------------------------------------------
+    def read(self, fn: Callable[[Any], T]) -> T:
+        with self._lock.shared(), self.env.begin(buffers=False) as txn:
+            return fn(txn)
+
+    def head(self, u: bytes) -> dict[str, Any] | None:
+        return decode_head(self.read(lambda t: t.get(K.head(u))), u)
+
+    def load(self, u: bytes, name: str) -> tuple[bytes | None, int]:
+        """The latest value of one object (raw JSON) and its version; ``(None, 0)`` if it has none."""
+        def get(txn: Any) -> tuple[bytes | None, int]:
+            h = decode_head(txn.get(K.head(u)), u)
+            ver = int(h["o"].get(name, 0)) if h else 0
+            if not ver:
+                return None, 0
+            data = txn.get(K.obj(u, name, ver))
+            if data is None:
+                raise StateError("StateError", f"object {name!r} of {K.split_unit(u)} is missing version {ver}")
+            return data, ver
+        return self.read(get)
+
+    def find_future(self, fid: str) -> tuple[dict[str, Any], bytes] | None:
+        """The committed record of a future (its version and stored reply body), if it committed."""
+        data = self.read(lambda t: t.get(K.future(fid)))
+        return decode_future(data) if data is not None else None
+
+    def log(self, u: bytes) -> list[dict[str, Any]]:
+        def scan(txn: Any) -> list[dict[str, Any]]:
+            out = []
+            pre = K.log_prefix(u)
+            cur = txn.cursor()
+            if cur.set_range(pre):
+                for k, v in cur:
+                    if not k.startswith(pre):
+                        break
+                    e = _json(v, "a log record")
+                    e["version"] = K.version_of(k)
+                    out.append(e)
+            return out
+        return self.read(scan)
+
+    def units_of(self, session: str) -> list[str]:
+        """Actors holding state for this session on this node."""
+        def scan(txn: Any) -> list[str]:
+            pre = K.session_prefix(session)
+            out = []
+            cur = txn.cursor()
+            if cur.set_range(pre):
+                for k in cur.iternext(keys=True, values=False):
+                    if not k.startswith(pre):
+                        break
+                    out.append(k[len(pre):].decode())
+            return out
+        return self.read(scan)
+
+    def snapshot(self, u: bytes, max_bytes: int = 64 * 1024) -> dict[str, Any]:
+        """A unit's latest objects as Python values (for ``nalar state show``).
+
+        An object whose JSON is over ``max_bytes`` is summarised (its size and the start of it).
+        """
+        def get(txn: Any) -> dict[str, Any]:
+            h = decode_head(txn.get(K.head(u)), u)
+            if h is None:
+                return {"version": 0, "objects": {}}
+            objs: dict[str, Any] = {}
+            for name, ver in sorted(h["o"].items()):
+                data = txn.get(K.obj(u, name, int(ver)))
+                if data is None:
+                    objs[name] = None
+                elif len(data) > max_bytes:
+                    objs[name] = {"$large": len(data), "start": data[:200].decode(errors="replace")}
+                else:
+                    objs[name] = _json(data, f"object {name!r}")
+            return {"version": h["v"], "versions": {n: int(v) for n, v in h["o"].items()}, "objects": objs}
+        return self.read(get)
+
+    def records(self, u: bytes) -> list[tuple[bytes, bytes]]:
+        """Every record of a unit (head, object versions, log, its futures), for migration."""
+        def scan(txn: Any) -> list[tuple[bytes, bytes]]:
+            out: list[tuple[bytes, bytes]] = []
+            head = txn.get(K.head(u))
+            if head is None:
+                return out
+            out.append((K.head(u), head))
+            for pre in (K.obj_prefix(u), K.log_prefix(u)):
+                cur = txn.cursor()
+                if cur.set_range(pre):
+                    for k, v in cur:
+                        if not k.startswith(pre):
+                            break
+                        out.append((bytes(k), bytes(v)))
+                        if k[:1] == b"l":
+                            fid = _json(v, "a log record").get("f")
+                            if isinstance(fid, str):
+                                f = txn.get(K.future(fid))
+                                if f is not None:
+                                    out.append((K.future(fid), f))
+            return out
+        return self.read(scan)
+
+    # -- the write path (the committer's thread only) -------------------------------------------
+    def write(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(txn)`` in one durable write transaction, growing the map if it fills."""
+        while True:
+            try:
+                with self._lock.shared(), self.env.begin(write=True) as txn:
+                    return fn(txn)
+            except lmdb.MapFullError:
+                self._grow()
+
+    def _grow(self) -> None:
+        size = self.env.info()["map_size"]
+        if size >= self.max_map_size:
+            from ..bus.errors import StateFull
+
+            raise StateFull("StateFull", f"the state store at {self.path} is full ({size} bytes, the maximum: "
+                                         "raise NALAR_STATE_MAX_MAP or free disk)")
+        with self._lock.exclusive():
+            self.env.set_mapsize(min(size * 2, self.max_map_size))
+
+    def map_size(self) -> int:
+        return int(self.env.info()["map_size"])

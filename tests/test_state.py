@@ -1,0 +1,196 @@
+"""Session state: managed objects, versions, exactly-once commits, the store's failure modes."""
+from __future__ import annotations
+
+import threading
+
+import lmdb
+import pytest
+
+import nalar
+from nalar.state import keys as K
+from nalar.state import transfer
+from nalar.state.committer import Commit, Committer
+from nalar.state.store import Store
+
+
+def _commit(committer: Committer, unit: bytes, fid: str, seen: dict, writes: dict, reply: bytes = b'{"v":1}'):
+    box: list = []
+    ev = threading.Event()
+
+    def done(out):
+        box.append(out)
+        ev.set()
+
+    committer.submit(Commit(unit, fid, "m", 0, seen, writes, reply, done))
+    assert ev.wait(30)
+    return box[0]
+
+
+def test_local_mode_state_persists_across_calls_and_a_raise_commits_nothing(tmp_path):
+    from sample_actors import Counter
+
+    with nalar.local(Counter) as app:
+        c = app.stub(Counter).options(session="alice")
+        assert [c.incr().result(30) for _ in range(5)] == [1, 2, 3, 4, 5]
+        assert app.stub(Counter).options(session="bob").incr(10).result(30) == 10
+        with pytest.raises(nalar.RemoteError, match="changed my mind"):
+            c.incr_then_fail().result(30)
+        assert c.get().result(30) == 5  # the failed call's +100 never landed
+        assert c.note("a").result(30) == 1 and c.note("b").result(30) == 2
+        assert c.notes().result(30) == ["a", "b"]
+
+
+def test_managed_state_needs_a_session_and_a_stateful_actor():
+    from sample_actors import Counter, NotStateful
+
+    with nalar.local(Counter, NotStateful) as app:
+        with pytest.raises(nalar.RemoteError, match="session"):
+            app.stub(Counter).incr().result(30)
+        with pytest.raises(nalar.RemoteError, match="stateful"):
+            app.stub(NotStateful).options(session="s").touch().result(30)
+
+
+def test_racing_commits_on_one_object_cannot_both_apply(tmp_path):
+    store = Store(str(tmp_path / "s"))
+    committer = Committer(store)
+    u = K.unit("s1", "Counter")
+    assert _commit(committer, u, "f1", {"n": 0}, {"n": b"1"})[0] == "ok"
+    # two calls both read version 0 of "n": the first to commit wins, the second conflicts
+    a = _commit(committer, u, "f2", {"n": 0}, {"n": b"2"})
+    assert a[0] == "conflict"
+    assert _commit(committer, u, "f3", {"n": 1}, {"n": b"2"}) == ("ok", 2)
+    assert _commit(committer, u, "f4", {"n": 1}, {"n": b"3"})[0] == "conflict"
+    # disjoint objects do not conflict
+    assert _commit(committer, u, "f5", {"other": 0}, {"other": b"[]"}) == ("ok", 3)
+    assert store.load(u, "n") == (b"2", 2)
+    committer.stop()
+    store.close()
+
+
+def test_a_committed_future_is_not_applied_twice(tmp_path):
+    store = Store(str(tmp_path / "s"))
+    committer = Committer(store)
+    u = K.unit("s1", "Counter")
+    assert _commit(committer, u, "f1", {"n": 0}, {"n": b"1"}, b'{"v":1}') == ("ok", 1)
+    again = _commit(committer, u, "f1", {"n": 1}, {"n": b"2"}, b'{"v":2}')
+    assert again[0] == "duplicate" and again[2] == b'{"v":1}'  # the stored answer, no new version
+    assert store.head(u)["v"] == 1
+    assert [e["f"] for e in store.log(u)] == ["f1"]
+    committer.stop()
+    store.close()
+
+
+def test_history_is_compacted_to_its_window(tmp_path):
+    store = Store(str(tmp_path / "s"), history=5)
+    committer = Committer(store)
+    u = K.unit("s1", "A")
+    for i in range(1, 21):
+        assert _commit(committer, u, f"f{i}", {"n": i - 1}, {"n": str(i).encode()}) == ("ok", i)
+    log = store.log(u)
+    assert [e["version"] for e in log] == [16, 17, 18, 19, 20]
+    assert store.find_future("f1") is None and store.find_future("f20") is not None
+    versions = [K.version_of(k) for k, _ in store.records(u) if k.startswith(K.obj_prefix(u))]
+    assert max(versions) == 20 and len(versions) <= 6
+    committer.stop()
+    store.close()
+
+
+def test_the_map_grows_and_a_full_store_is_a_clear_error(tmp_path):
+    store = Store(str(tmp_path / "s"), map_size=256 * 1024, max_map_size=4 * 1024 * 1024)
+    committer = Committer(store)
+    u = K.unit("s1", "A")
+    big = b'"' + b"x" * (1024 * 1024) + b'"'
+    assert _commit(committer, u, "f1", {"a": 0}, {"a": big})[0] == "ok"  # 1 MiB into a 256 KiB map: it grew
+    assert store.map_size() > 256 * 1024
+    out = _commit(committer, u, "f2", {"b": 0}, {"b": b'"' + b"y" * (8 * 1024 * 1024) + b'"'})
+    assert out[0] == "error" and isinstance(out[1], nalar.StateFull) and "full" in str(out[1])
+    assert store.load(u, "a") == (big, 1)  # nothing half-written, nothing lost
+    assert _commit(committer, u, "f3", {"c": 0}, {"c": b"1"}) == ("ok", 2)
+    committer.stop()
+    store.close()
+
+
+def test_garbage_in_the_store_is_a_clear_error(tmp_path):
+    path = str(tmp_path / "s")
+    store = Store(path)
+    committer = Committer(store)
+    u = K.unit("s1", "A")
+    assert _commit(committer, u, "f1", {"n": 0}, {"n": b"1"})[0] == "ok"
+    committer.stop()
+    store.close()
+    env = lmdb.open(path, subdir=True)
+    with env.begin(write=True) as txn:
+        txn.put(K.head(u), b"\x00\xffgarbage")
+    env.close()
+    store = Store(path)
+    with pytest.raises(nalar.StateError, match="garbage"):
+        store.load(u, "n")
+    committer = Committer(store)
+    out = _commit(committer, u, "f2", {"n": 1}, {"n": b"2"})
+    assert out[0] == "error" and isinstance(out[1], nalar.StateError)
+    assert _commit(committer, K.unit("s2", "A"), "f3", {"n": 0}, {"n": b"1"})[0] == "ok"  # others unaffected
+    committer.stop()
+    store.close()
+
+
+def test_garbage_state_transfers_are_rejected_before_anything_is_written():
+    u = K.unit("s1", "A")
+    good = transfer.pack([(K.head(u), b'{"v":1,"o":{"n":1}}'), (K.obj(u, "n", 1), b"1")])
+    assert len(transfer.unpack(good, u)) == 2
+    for bad in (b"", b"garbage", good[:-1], good[:10] + b"X" + good[11:], b"NLS1" + b"\x00" * 40):
+        with pytest.raises(nalar.StateError, match="bad state transfer"):
+            transfer.unpack(bad, u)
+    other = transfer.pack([(K.head(u), b'{"v":1,"o":{}}'), (K.head(K.unit("s2", "A")), b"{}")])
+    with pytest.raises(nalar.StateError, match="does not belong"):
+        transfer.unpack(other, u)
+
+
+def test_concurrent_increments_over_many_sessions_end_exactly_right(start_node, client):
+    start_node("sample_actors:Counter=2", "sample_actors:AsyncCounter", name="s1")
+    sessions, per = 40, 15
+    futures = []
+    for i in range(per):
+        for s in range(sessions):
+            futures.append(client.stub("Counter").options(session=f"sess-{s}").incr())
+            futures.append(client.stub("AsyncCounter").options(session=f"sess-{s}").incr(2))
+    nalar.gather(futures).result(120)
+    for s in range(sessions):
+        assert client.stub("Counter").options(session=f"sess-{s}").get().result(30) == per
+    # each future committed exactly once: versions == calls, log lists each id once
+    log = client.state_log("sess-0")
+    entries = log["units"]["Counter"]
+    assert len(entries) == per and len({e["f"] for e in entries}) == per
+    assert log["units"]["AsyncCounter"][-1]["version"] == per
+
+
+def test_sessions_spread_over_two_nodes_follow_their_calls(start_node, client):
+    """Calls of one session land on either node (queue group): each pulls the state before running."""
+    start_node("sample_actors:Counter", name="na")
+    start_node("sample_actors:Counter", name="nb")
+    sessions, per = 8, 10
+    for i in range(per):
+        nalar.gather([client.stub("Counter").options(session=f"m-{s}").incr() for s in range(sessions)]).result(120)
+    for s in range(sessions):
+        assert client.stub("Counter").options(session=f"m-{s}").get().result(30) == per
+    log = client.state_log("m-0")["units"]["Counter"]
+    assert [e["version"] for e in log] == list(range(1, per + 1))
+    st = {x["node"]: x["state"] for x in client.status()}
+    assert st["na"]["pulled"] + st["nb"]["pulled"] > 0  # state really moved
+
+
+def test_a_10mb_session_migrates_between_node_processes(start_node, client):
+    a = start_node("sample_actors:Counter", name="src")
+    b = start_node("sample_actors:Counter", name="dst")
+    c = client.stub("Counter").options(session="big")
+    # make sure the session lives on "src": claim it there by calling until "src" served it
+    size = 10 * 1024 * 1024
+    assert c.put_blob(size).result(60) == size
+    holder = client.state_show("big")["nodes"]["Counter"]
+    other = "dst" if holder == "src" else "src"
+    out = client.migrate("big", holder, other)
+    assert out["moved"] == ["Counter"] and out["bytes"] > size
+    shown = client.state_show("big")
+    assert shown["nodes"] == {"Counter": other}
+    assert shown["units"]["Counter"]["objects"]["blob"]["$large"] > size  # summarised, not shipped
+    assert c.blob().result(60) == {"len": size, "sum": size}  # the next call sees all of it
+    assert {a.proc.pid, b.proc.pid} >= {c.where().result(30)}
