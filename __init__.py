@@ -7,17 +7,17 @@ The imports below are absolute on purpose: pytest imports this file as a stray m
 from tests/ (the repository root is the package), and absolute imports make that a harmless re-export
 of the installed ``nalar`` instead of an error or a second copy of the package.
 """
-from nalar.actors import (ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Actor, Agent, Client, Future, Hints, Local,
+from nalar.actors import (ALL_COMPLETED, DEFAULT_RETRY, NO_RETRY, RetryPolicy, FIRST_COMPLETED, FIRST_EXCEPTION, Actor, Agent, Client, Future, Hints, Local,
                      Model, Tool, connect, connect_async, deadline, gather, hints, local, session, stub, wait)
 from nalar.bus.errors import (BadRequest, BusError, Cancelled, Conflict, DeadlineExceeded, DependencyFailed,
                               MalformedMessage, NalarError, Overloaded, PayloadTooLarge, RemoteError, ServerNotFound,
-                              StateError, StateFull, Timeout, UnknownActor, UnknownMethod)
+                              StateError, StateFull, Timeout, Unavailable, UnknownActor, UnknownMethod)
 from nalar.state.managed import ManagedDict, ManagedList, ManagedValue, managed_dict, managed_list, managed_value
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ALL_COMPLETED", "Actor", "Agent", "BadRequest", "BusError", "Cancelled", "Client", "Conflict", "DeadlineExceeded",
+    "ALL_COMPLETED", "Actor", "DEFAULT_RETRY", "NO_RETRY", "RetryPolicy", "Unavailable", "Agent", "BadRequest", "BusError", "Cancelled", "Client", "Conflict", "DeadlineExceeded",
     "ManagedDict", "ManagedList", "ManagedValue", "StateError", "StateFull", "managed_dict", "managed_list",
     "managed_value",
     "DependencyFailed", "FIRST_COMPLETED", "FIRST_EXCEPTION", "Future", "Hints", "Local", "MalformedMessage",

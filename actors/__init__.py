@@ -6,11 +6,12 @@ from .future import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Future, gat
 from .hints import Hints, hints, hints_of
 from .local import Local, local
 from .node import Node
+from .retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy
 from .runtime import Runtime, current_runtime
 from .stub import Stub, stub
 
 __all__ = [
-    "ALL_COMPLETED", "Actor", "Agent", "Client", "FIRST_COMPLETED", "FIRST_EXCEPTION", "Future", "Hints", "Local",
+    "ALL_COMPLETED", "Actor", "DEFAULT_RETRY", "NO_RETRY", "RetryPolicy", "Agent", "Client", "FIRST_COMPLETED", "FIRST_EXCEPTION", "Future", "Hints", "Local",
     "Model", "Node", "Runtime", "Stub", "Tool", "connect", "connect_async", "current_runtime", "deadline", "gather", "hints",
     "hints_of", "local", "session", "stub", "wait",
 ]

@@ -34,7 +34,7 @@ class Future(pykka.Future, Generic[T]):
     """
 
     __slots__ = ("id", "actor", "method", "_state", "_value", "_callbacks", "_event", "_runtime",
-                 "_span", "_wk", "_get_hook", "_get_hook_result")
+                 "_span", "_wk", "_retry", "_get_hook", "_get_hook_result")
 
     def __init__(self, id: str = "", actor: str = "", method: str = "", runtime: Any = None) -> None:
         self._get_hook = None
@@ -49,6 +49,7 @@ class Future(pykka.Future, Generic[T]):
         self._runtime = runtime
         self._span: Any = None
         self._wk = 0  # the runtime's deadline-wheel key while armed
+        self._retry: Any = None  # the runtime's retry state, for calls it may re-send
 
     def __repr__(self) -> str:
         state = ("pending", "done", "failed")[self._state]

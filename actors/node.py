@@ -33,6 +33,7 @@ from .context import current_call
 from .deadlines import DeadlineWheel
 from .future import Future
 from .hints import Hints, hints_of
+from .retry import ACK_AFTER, HEARTBEAT_INTERVAL
 from .runtime import Runtime
 from .sessions import Sessions
 
@@ -170,6 +171,8 @@ class Node:
         self._call_subs: list[Any] = []
         self._idle = asyncio.Event()
         self._wheel = DeadlineWheel(self._expire)
+        self._acks: deque[tuple[float, Call]] = deque()  # calls whose callers may retry, by arrival
+        self._ticker: asyncio.Task[None] | None = None
         self.started = time.time()
         self.counters = {"received": 0, "done": 0, "failed": 0, "cancelled": 0, "expired": 0, "rejected": 0}
         for cls, count in actors:
@@ -222,6 +225,28 @@ class Node:
         self._subs.append(await sub(rt.subjects.status, self._on_status))
         self._subs.append(await sub(rt.subjects.node(self.name), self._on_control))
         await rt.transport.flush()
+        self._ticker = loop.create_task(self._tick())
+
+    async def _tick(self) -> None:
+        """Heartbeat every second; acknowledge calls held for a second to callers that may retry."""
+        hb_subject = self.rt.subjects.heartbeat(self.name)
+        hb = env.dumps({"node": self.name})
+        next_hb = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_hb:
+                self.rt.send(hb_subject, hb)
+                next_hb = now + HEARTBEAT_INTERVAL
+            acks: dict[str, list[str]] = {}
+            q = self._acks
+            while q and q[0][0] <= now - ACK_AFTER:
+                _, c = q.popleft()
+                if not c.done:
+                    prefix, _, token = c.reply.rpartition(".")
+                    acks.setdefault(prefix, []).append(token)
+            for prefix, tokens in acks.items():
+                self.rt.send(prefix + ".ack", env.dumps({"node": self.name, "ids": tokens}))
+            await asyncio.sleep(HEARTBEAT_INTERVAL / 4)
 
     def subscriptions(self) -> list[str]:
         s = self.rt.subjects
@@ -264,6 +289,8 @@ class Node:
                 await loop.run_in_executor(None, partial(pykka.get_all, stopping, timeout=grace))
             except pykka.Timeout:
                 log.warning("some instances did not stop within %s s; leaving their threads behind", grace)
+        if self._ticker is not None:
+            self._ticker.cancel()
         for s in self._subs:
             try:
                 await s.unsubscribe()
@@ -308,6 +335,8 @@ class Node:
             self._trace_receive(c)
         self.active[c.id] = c
         c.wk = self._wheel.add(c.deadline, c)
+        if c.attempt >= 0 and c.reply:
+            self._acks.append((time.monotonic(), c))
         if c.session and g.hints.stateful and self.sessions is not None:
             try:
                 c.unit = state_keys.unit(c.session, g.name)

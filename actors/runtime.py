@@ -20,12 +20,13 @@ from typing import Any, Callable
 from ..bus import envelope as env
 from ..bus import tracing
 from ..bus.errors import (BadRequest, BusError, Cancelled, DeadlineExceeded, DependencyFailed, MalformedMessage, NalarError,
-                          PayloadTooLarge, RemoteError, UnknownActor, error_from_dict)
+                          PayloadTooLarge, RemoteError, Unavailable, UnknownActor, error_from_dict)
 from ..bus.subjects import Subjects
 from ..bus.transport import NO_RESPONDERS, STATUS_HEADER, Transport
 from .context import current_call
 from .deadlines import DeadlineWheel
 from .future import _LOCK, DONE, FAILED, LOOP_THREADS, PENDING, Future
+from .retry import DEFAULT_RETRY, RetryPolicy
 
 DEFAULT_TIMEOUT = 300.0
 #: Reserved for the ``traceparent`` header when checking a call's size before its span exists.
@@ -66,6 +67,26 @@ def set_default_runtime(rt: "Runtime | None") -> "Runtime | None":
     return old
 
 
+class _Retry:
+    """What the runtime keeps to re-send a call."""
+
+    __slots__ = ("policy", "attempt", "subject", "data", "headers", "reply", "node", "rk")
+
+    def __init__(self, policy: RetryPolicy, subject: str, data: bytes, headers: dict[str, str], reply: str) -> None:
+        self.policy = policy
+        self.attempt = 0
+        self.subject = subject
+        self.data = data
+        self.headers = headers
+        self.reply = reply
+        self.node: str | None = None  # the node that acknowledged holding it
+        self.rk = 0
+
+
+#: Error kinds worth another attempt even without ``retry_errors``: the executor side was unavailable.
+_RETRYABLE_KINDS = {"unavailable"}
+
+
 class Runtime:
     """Sends calls, resolves their futures from replies, enforces deadlines, propagates cancellation."""
 
@@ -86,6 +107,8 @@ class Runtime:
         self._posted: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
         self._post_lock = threading.Lock()
         self._wheel = DeadlineWheel(self._expire)
+        self._attempts = DeadlineWheel(self._check_attempt)  # when to ask "is my call's executor alive?"
+        self.node_seen: dict[str, float] = {}  # node -> monotonic time of its last heartbeat
         self._subs: list[Any] = []
         self.default_timeout = default_timeout()
         self.counters: dict[str, int] = {"calls": 0, "late_replies": 0}
@@ -99,6 +122,7 @@ class Runtime:
         LOOP_THREADS.add(self.loop_thread)
         tracing.configure(self.name)
         self._subs.append(await self.transport.subscribe(self._reply_prefix + "*", self._on_reply))
+        self._subs.append(await self.transport.subscribe(self.subjects.heartbeat("*"), self._on_heartbeat))
         await self.transport.flush()
 
     async def close(self) -> None:
@@ -106,6 +130,7 @@ class Runtime:
             return
         self.closed = True
         self._wheel.stop()
+        self._attempts.stop()
         await self.flush_out()
         for f in list(self.pending.values()):
             f._finish(FAILED, Cancelled("Cancelled", "the runtime closed", f.actor, f.method, future_id=f.id))
@@ -114,7 +139,7 @@ class Runtime:
         LOOP_THREADS.discard(self.loop_thread)
 
     def subscriptions(self) -> list[str]:
-        return [self._reply_prefix + "*"]
+        return [self._reply_prefix + "*", self.subjects.heartbeat("*")]
 
     # -- thread hand-off -------------------------------------------------------------------------
     def on_loop(self) -> bool:
@@ -174,7 +199,8 @@ class Runtime:
 
     # -- making calls ----------------------------------------------------------------------------
     def call(self, actor: str, method: str, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any],
-             session: Any = _INHERIT, timeout: float | None = None, priority: int | None = None) -> Future[Any]:
+             session: Any = _INHERIT, timeout: float | None = None, priority: int | None = None,
+             retry: RetryPolicy | None = None) -> Future[Any]:
         """Create the future and send the call; returns at once. Non-JSON arguments raise ``TypeError``."""
         if self.closed or self.transport.closed:
             raise BusError("this nalar runtime is closed (or lost its NATS connection for good)")
@@ -211,6 +237,9 @@ class Runtime:
             headers[env.H_SESSION] = session
         if priority:
             headers[env.H_PRIORITY] = str(int(priority))
+        policy = DEFAULT_RETRY if retry is None else retry
+        if policy.attempts > 1:
+            headers[env.H_ATTEMPT] = "0"  # asks the executor to acknowledge it if it holds it long
 
         enc = _DepEncoder()
         data = env.encode_call(method, args, kwargs, enc)
@@ -227,14 +256,24 @@ class Runtime:
         if self.closed:  # closed while we were building it
             self._fail(fut, Cancelled("Cancelled", "the runtime closed", actor, method, future_id=fid))
             return fut
+        if policy.attempts > 1:
+            fut._retry = _Retry(policy, subject, data, headers, reply)
         if deps:
             self._after_deps(fut, deps, subject, method, args, kwargs, headers, reply, deadline)
         elif self.on_loop():
             fut._wk = self._wheel.add(deadline, fut)
-            self.send(subject, data, headers, reply)
+            self._send_call(fut, subject, data, headers, reply)
         else:
             self.post(self._submit, fut, deadline, subject, data, headers, reply)
         return fut
+
+    def _send_call(self, fut: Future[Any], subject: str, data: bytes, headers: dict[str, str], reply: str) -> None:
+        """Publish (loop thread); a call that may be retried also gets its liveness check armed."""
+        r = fut._retry
+        if r is not None:
+            r.data = data
+            r.rk = self._attempts.add(time.time() + r.policy.attempt_timeout, fut)
+        self.send(subject, data, headers, reply)
 
     def _submit(self, fut: Future[Any], deadline: float, subject: str, data: bytes | None,
                 headers: dict[str, str], reply: str) -> None:
@@ -242,7 +281,7 @@ class Runtime:
             return
         fut._wk = self._wheel.add(deadline, fut)
         if data is not None:
-            self.send(subject, data, headers, reply)
+            self._send_call(fut, subject, data, headers, reply)
 
     def _after_deps(self, fut: Future[Any], deps: list[Future[Any]], subject: str, method: str,
                     args: Any, kwargs: Any, headers: dict[str, str], reply: str, deadline: float) -> None:
@@ -270,7 +309,7 @@ class Runtime:
                 except (TypeError, PayloadTooLarge) as e:
                     self._fail(fut, BadRequest(type(e).__name__, str(e), fut.actor, fut.method, future_id=fut.id))
                     return
-                self.post(self.send, subject, data, headers, reply)
+                self.post(self._send_call, fut, subject, data, headers, reply)
 
         for d in deps:
             d.add_done_callback(on_dep)
@@ -284,12 +323,21 @@ class Runtime:
     def _fail(self, fut: Future[Any], err: BaseException) -> bool:
         """Fail a future that never got a reply: out of ``pending`` and off the deadline wheel."""
         self.pending.pop(fut.id.rpartition("-")[2], None)
-        if fut._wk:
+        if fut._wk or fut._retry is not None:
             if self.on_loop():
-                self._wheel.discard(fut._wk, fut)
+                self._disarm(fut)
             elif self.loop is not None and not self.closed:
-                self.post(self._wheel.discard, fut._wk, fut)
+                self.post(self._disarm, fut)
         return fut._finish(FAILED, err)
+
+    def _disarm(self, fut: Future[Any]) -> None:
+        if fut._wk:
+            self._wheel.discard(fut._wk, fut)
+        r = fut._retry
+        if r is not None:
+            if r.rk:
+                self._attempts.discard(r.rk, fut)
+            fut._retry = None
 
     def _trace_call(self, fut: Future[Any], parent: Any, headers: dict[str, str]) -> None:
         from opentelemetry.trace import SpanKind
@@ -303,9 +351,11 @@ class Runtime:
 
     # -- replies, deadlines, cancellation -------------------------------------------------------
     def _on_reply(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
-        fut = self.pending.pop(subject[self._plen:], None)
-        if fut is not None and fut._wk:
-            self._wheel.discard(fut._wk, fut)
+        token = subject[self._plen:]
+        if token == "ack":
+            self._on_ack(data)
+            return
+        fut = self.pending.pop(token, None)
         if fut is None:  # late (after a deadline or cancel), or not a reply at all
             try:
                 env.decode_reply(data)
@@ -313,7 +363,11 @@ class Runtime:
             except MalformedMessage:
                 self.count_malformed("reply")
             return
+        r = fut._retry
         if not data and headers and headers.get(STATUS_HEADER) == NO_RESPONDERS:
+            if r is not None and r.attempt > 0 and self._retry_later(fut, token):
+                return  # its node died and none serves it yet: try again after a back-off
+            self._disarm(fut)
             fut._finish(FAILED, UnknownActor(
                 "UnknownActor", f"no node serves actor {fut.actor!r} in namespace {self.subjects.ns!r}",
                 fut.actor, fut.method, future_id=fut.id))
@@ -324,15 +378,85 @@ class Runtime:
                 value = error_from_dict(value)
         except Exception as e:  # MalformedMessage, or anything odd: the future must still resolve
             self.count_malformed("reply")
+            self._disarm(fut)
             fut._finish(FAILED, BadRequest("MalformedMessage", f"malformed reply: {e}", fut.actor, fut.method,
                                            future_id=fut.id))
             return
+        if not ok and r is not None and (value.kind in _RETRYABLE_KINDS or
+                                         (r.policy.retry_errors and value.kind == "error")):
+            if self._retry_later(fut, token):
+                return
+        self._disarm(fut)
         fut._finish(DONE if ok else FAILED, value)
+
+    # -- retries ------------------------------------------------------------------------------------
+    def _on_heartbeat(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        node = subject.rpartition(".")[2]
+        try:
+            body = env.decode_json_object(data, "heartbeat")
+            if body.get("node") != node:
+                raise MalformedMessage("heartbeat names another node")
+        except MalformedMessage:
+            self.count_malformed("heartbeat")
+            return
+        self.node_seen[node] = time.monotonic()
+
+    def _on_ack(self, data: bytes) -> None:
+        try:
+            body = env.decode_json_object(data, "ack")
+            node, ids = body.get("node"), body.get("ids")
+            if not isinstance(node, str) or not isinstance(ids, list):
+                raise MalformedMessage("ack body must be {'node': name, 'ids': [tokens]}")
+        except MalformedMessage:
+            self.count_malformed("ack")
+            return
+        now = time.monotonic()
+        self.node_seen.setdefault(node, now)
+        for tok in ids:
+            fut = self.pending.get(tok) if isinstance(tok, str) else None
+            if fut is not None and fut._retry is not None:
+                fut._retry.node = node
+
+    def _check_attempt(self, fut: Future[Any]) -> None:
+        """The attempt's time is up: keep waiting if a live node holds it, else send it again."""
+        r = fut._retry
+        if fut._state != PENDING or r is None:
+            return
+        timeout = r.policy.attempt_timeout
+        if r.node is not None and time.monotonic() - self.node_seen.get(r.node, float("-inf")) < timeout:
+            r.rk = self._attempts.add(time.time() + timeout, fut)
+            return
+        token = fut.id.rpartition("-")[2]
+        if not self._retry_later(fut, token):
+            self._fail(fut, Unavailable("Unavailable", f"no executor answered after {r.attempt + 1} attempts "
+                                                       f"of {timeout:g} s each", fut.actor, fut.method,
+                                        future_id=fut.id))
+
+    def _retry_later(self, fut: Future[Any], token: str) -> bool:
+        """Schedule the next attempt (same future id) after the back-off; False if none is left."""
+        r = fut._retry
+        if r is None or r.attempt + 1 >= r.policy.attempts or self.closed:
+            return False
+        r.attempt += 1
+        r.node = None
+        r.headers = dict(r.headers, **{env.H_ATTEMPT: str(r.attempt)})
+        self.pending[token] = fut
+        self.counters["retries"] = self.counters.get("retries", 0) + 1
+        assert self.loop is not None
+        self.loop.call_later(r.policy.delay(r.attempt), self._resend, fut)
+        return True
+
+    def _resend(self, fut: Future[Any]) -> None:
+        r = fut._retry
+        if fut._state != PENDING or r is None or self.closed:
+            return
+        self._send_call(fut, r.subject, r.data, r.headers, r.reply)
 
     def _expire(self, fut: Future[Any]) -> None:
         if fut._state != PENDING:
             return
         self.pending.pop(fut.id.rpartition("-")[2], None)
+        self._disarm(fut)
         fut._finish(FAILED, DeadlineExceeded("DeadlineExceeded", "the call's deadline passed", fut.actor,
                                              fut.method, future_id=fut.id))
         self.send(self.subjects.cancel, env.dumps({"ids": [fut.id]}))

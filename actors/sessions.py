@@ -119,8 +119,8 @@ class Sessions:
                 continue
             if err is None:
                 self.admit(c)
-            else:
-                self.node._fail_call(c, "state", "StateError", err)
+            else:  # retryable: the holder may be restarting
+                self.node._fail_call(c, "unavailable", "Unavailable", err)
 
     def release(self, c: "Call") -> None:
         """``c`` is answered: let the next call of its unit in."""

@@ -10,29 +10,34 @@ from typing import Any
 
 from .base import actor_name, public_methods
 from .future import Future
-from .runtime import _INHERIT, Runtime, current_runtime
+from .retry import RetryPolicy
+from .runtime import _INHERIT, Runtime, check_timeout, current_runtime
 
 
 class Stub:
-    __slots__ = ("_actor", "_methods", "_runtime", "_session", "_timeout", "_priority")
+    __slots__ = ("_actor", "_methods", "_runtime", "_session", "_timeout", "_priority", "_retry")
 
     def __init__(self, target: Any, runtime: Runtime | None = None, *, session: Any = _INHERIT,
-                 timeout: float | None = None, priority: int | None = None) -> None:
+                 timeout: float | None = None, priority: int | None = None,
+                 retry: RetryPolicy | None = None) -> None:
         self._actor = actor_name(target)
         self._methods = frozenset(public_methods(target)) if isinstance(target, type) else None
         self._runtime = runtime
         self._session = session
-        self._timeout = timeout
+        self._timeout = check_timeout(timeout) if timeout is not None else None
         self._priority = priority
+        self._retry = retry
 
     def options(self, *, session: Any = _INHERIT, timeout: float | None = None,
-                priority: int | None = None) -> "Stub":
-        """A copy with call options: ``session`` id, ``timeout`` in seconds (the deadline), ``priority``."""
+                priority: int | None = None, retry: RetryPolicy | None = None) -> "Stub":
+        """A copy with call options: ``session`` id, ``timeout`` in seconds (the deadline), ``priority``,
+        ``retry`` (a ``nalar.RetryPolicy``; ``nalar.NO_RETRY`` to never re-send)."""
         s = Stub.__new__(Stub)
         s._actor, s._methods, s._runtime = self._actor, self._methods, self._runtime
         s._session = self._session if session is _INHERIT else session
-        s._timeout = self._timeout if timeout is None else timeout
+        s._timeout = self._timeout if timeout is None else check_timeout(timeout)
         s._priority = self._priority if priority is None else priority
+        s._retry = self._retry if retry is None else retry
         return s
 
     def __getattr__(self, name: str) -> "RemoteMethod":
@@ -56,10 +61,10 @@ class RemoteMethod:
     def __call__(self, *args: Any, **kwargs: Any) -> Future[Any]:
         s = self._stub
         rt = s._runtime or current_runtime()
-        return rt.call(s._actor, self._name, args, kwargs, s._session, s._timeout, s._priority)
+        return rt.call(s._actor, self._name, args, kwargs, s._session, s._timeout, s._priority, s._retry)
 
 
 def stub(target: Any, *, session: Any = _INHERIT, timeout: float | None = None,
-         priority: int | None = None) -> Stub:
+         priority: int | None = None, retry: RetryPolicy | None = None) -> Stub:
     """A stub for an actor named by string or class, bound to the current runtime when called."""
-    return Stub(target, None, session=session, timeout=timeout, priority=priority)
+    return Stub(target, None, session=session, timeout=timeout, priority=priority, retry=retry)

@@ -216,7 +216,7 @@ def decode_call(data: bytes, headers: dict[str, str] | None, reply: str, cls: ty
         p = headers.get(H_PRIORITY)
         c.priority = int(p) if p else 0
         a = headers.get(H_ATTEMPT)
-        c.attempt = int(a) if a else 0
+        c.attempt = int(a) if a else -1  # -1: the caller does not retry (so it wants no acks)
     except ValueError:
         raise MalformedMessage("call has a non-numeric deadline, priority or attempt header") from None
     if not math.isfinite(c.deadline) or c.deadline < 0:

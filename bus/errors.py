@@ -133,6 +133,12 @@ class DependencyFailed(RemoteError):
     kind = "dependency"
 
 
+class Unavailable(RemoteError):
+    """No executor could take the call (all attempts went unanswered, or its state's holder is down)."""
+
+    kind = "unavailable"
+
+
 class StateError(RemoteError):
     """Session state could not be read, committed or moved (the message says why)."""
 
@@ -154,7 +160,7 @@ class Conflict(StateError):
 _KINDS: dict[str, type[RemoteError]] = {
     cls.kind: cls
     for cls in (RemoteError, UnknownActor, UnknownMethod, BadRequest, DeadlineExceeded, Cancelled,
-                Overloaded, DependencyFailed, StateError, StateFull, Conflict)
+                Overloaded, DependencyFailed, Unavailable, StateError, StateFull, Conflict)
 }
 
 

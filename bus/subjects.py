@@ -6,9 +6,11 @@ subject                         who listens                              what tr
 ``nalar.<ns>.call.<actor>``     every node hosting ``actor`` (queue      a call (envelope below)
                                 group ``<actor>``: one node gets it)
 ``nalar.<ns>.r.<proc>.<n>``     the process that made future ``n``       the reply to that call
+``nalar.<ns>.r.<proc>.ack``     that process                             "node X holds calls [n...]"
 ``nalar.<ns>.cancel``           every node                               ids of cancelled futures
 ``nalar.<ns>.status``           every node (scatter/gather)              a node's status as JSON
 ``nalar.<ns>.node.<node>``      one node                                 control requests
+``nalar.<ns>.hb.<node>``        every process (to spot dead executors)   a node's heartbeat, 1/s
 ``nalar.<ns>.policy``           reserved for the policy actor            decisions (issue 4)
 ``nalar.<ns>.metrics.<node>``   reserved for the policy actor            metrics (issue 4)
 ==============================  =======================================  ==========================
@@ -52,6 +54,9 @@ class Subjects:
 
     def node(self, node: str) -> str:
         return f"{self.prefix}node.{node}"
+
+    def heartbeat(self, node: str) -> str:
+        return f"{self.prefix}hb.{node}"
 
     @property
     def policy(self) -> str:

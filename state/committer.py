@@ -77,7 +77,7 @@ class Commit(Op):
         h["v"] = v
         txn.put(K.head(u), orjson.dumps(h))
         txn.put(K.log(u, v), orjson.dumps({"f": self.future_id, "m": self.method, "t": round(time.time(), 6),
-                                           "w": sorted(self.writes), "s": superseded, "a": self.attempt}))
+                                           "w": sorted(self.writes), "s": superseded, "a": max(0, self.attempt)}))
         txn.put(fkey, orjson.dumps({"u": K.split_unit(u), "v": v}) + b"\n" + self.reply)
         _compact(store, txn, u, v)
         return ("ok", v)

@@ -237,3 +237,17 @@ class AsyncCounter(nalar.Agent):
 class NotStateful(nalar.Agent):
     def touch(self) -> int:
         return len(nalar.managed_list("x"))
+
+
+@nalar.hints(stateful=True)
+class SlowCounter(nalar.Agent):
+    """A counter whose calls take a few milliseconds, so many are in flight when a node dies."""
+
+    def incr(self) -> int:
+        time.sleep(0.004)
+        n = nalar.managed_value("n", 0)
+        n.value += 1
+        return n.value
+
+    def get(self) -> int:
+        return nalar.managed_value("n", 0).value

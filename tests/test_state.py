@@ -11,6 +11,7 @@ from nalar.state import keys as K
 from nalar.state import transfer
 from nalar.state.committer import Commit, Committer
 from nalar.state.store import Store
+from conftest import wait_for
 
 
 def _commit(committer: Committer, unit: bytes, fid: str, seen: dict, writes: dict, reply: bytes = b'{"v":1}'):
@@ -194,3 +195,37 @@ def test_a_10mb_session_migrates_between_node_processes(start_node, client):
     assert shown["units"]["Counter"]["objects"]["blob"]["$large"] > size  # summarised, not shipped
     assert c.blob().result(60) == {"len": size, "sum": size}  # the next call sees all of it
     assert {a.proc.pid, b.proc.pid} >= {c.where().result(30)}
+
+
+def test_kill_9_mid_flight_then_restart_every_call_completes_exactly_once(nats_url, namespace, client, tmp_path):
+    """At-least-once execution, exactly-once effect: retried calls whose commit landed are not re-applied."""
+    from conftest import NodeProc, node_env
+
+    args = ["sample_actors:SlowCounter", "--nats", nats_url, "--namespace", namespace, "--name", "victim",
+            "--state-dir", str(tmp_path / "victim"), "--grace", "1"]
+    node = NodeProc(args, node_env())
+    node.wait_ready()
+    policy = nalar.RetryPolicy(attempts=30, backoff=0.2, max_backoff=1.0, attempt_timeout=2.0)
+    stub = client.stub("SlowCounter").options(retry=policy, timeout=120)
+    sessions, per = 10, 40
+    calls = [(s, stub.options(session=f"k-{s}").incr()) for _ in range(per) for s in range(sessions)]
+    wait_for(lambda: sum(f.available() for _, f in calls) >= 40, what="some calls to complete")
+    node.proc.kill()  # SIGKILL: no goodbye, no flush beyond what LMDB already made durable
+    node.proc.wait()
+    in_flight = sum(not f.available() for _, f in calls)
+    assert in_flight >= 200
+    node = NodeProc(args, node_env())  # the same node comes back on the same store
+    node.wait_ready()
+    try:
+        nalar.gather([f for _, f in calls]).result(120)
+        for s in range(sessions):
+            assert stub.options(session=f"k-{s}").get().result(30) == per
+        for s in range(sessions):
+            entries = client.state_log(f"k-{s}")["units"]["SlowCounter"]
+            ids = [e["f"] for e in entries]
+            mine = {f.id for t, f in calls if t == s}
+            assert len(ids) == len(set(ids)) == per and set(ids) == mine  # every future exactly once
+            assert [e["version"] for e in entries] == list(range(1, per + 1))
+        assert client.runtime.counters.get("retries", 0) >= in_flight
+    finally:
+        node.stop()
