@@ -171,7 +171,8 @@ class Node:
         self._call_subs: list[Any] = []
         self._idle = asyncio.Event()
         self._wheel = DeadlineWheel(self._expire)
-        self._acks: deque[tuple[float, Call]] = deque()  # calls whose callers may retry, by arrival
+        # (arrival, id) of calls whose callers may retry; ids, not calls, so answered calls die at once
+        self._acks: deque[tuple[float, str]] = deque()
         self._ticker: asyncio.Task[None] | None = None
         self.started = time.time()
         self.counters = {"received": 0, "done": 0, "failed": 0, "cancelled": 0, "expired": 0, "rejected": 0}
@@ -239,9 +240,10 @@ class Node:
                 next_hb = now + HEARTBEAT_INTERVAL
             acks: dict[str, list[str]] = {}
             q = self._acks
+            active = self.active
             while q and q[0][0] <= now - ACK_AFTER:
-                _, c = q.popleft()
-                if not c.done:
+                c = active.get(q.popleft()[1])
+                if c is not None:
                     prefix, _, token = c.reply.rpartition(".")
                     acks.setdefault(prefix, []).append(token)
             for prefix, tokens in acks.items():
@@ -336,7 +338,7 @@ class Node:
         self.active[c.id] = c
         c.wk = self._wheel.add(c.deadline, c)
         if c.attempt >= 0 and c.reply:
-            self._acks.append((time.monotonic(), c))
+            self._acks.append((time.monotonic(), c.id))
         if c.session and g.hints.stateful and self.sessions is not None:
             try:
                 c.unit = state_keys.unit(c.session, g.name)

@@ -68,15 +68,21 @@ def set_default_runtime(rt: "Runtime | None") -> "Runtime | None":
 
 
 class _Retry:
-    """What the runtime keeps to re-send a call."""
+    """What the runtime keeps to re-send a call.
 
-    __slots__ = ("policy", "attempt", "subject", "data", "headers", "reply", "node", "rk")
+    It keeps the arguments, not the encoded message: orjson's output holds a buffer of about 4 KiB
+    whatever its length, which at 100k pending calls would be most of the memory they use.
+    """
 
-    def __init__(self, policy: RetryPolicy, subject: str, data: bytes, headers: dict[str, str], reply: str) -> None:
+    __slots__ = ("policy", "attempt", "subject", "args", "kwargs", "headers", "reply", "node", "rk")
+
+    def __init__(self, policy: RetryPolicy, subject: str, args: Any, kwargs: Any, headers: dict[str, str],
+                 reply: str) -> None:
         self.policy = policy
         self.attempt = 0
         self.subject = subject
-        self.data = data
+        self.args = args
+        self.kwargs = kwargs
         self.headers = headers
         self.reply = reply
         self.node: str | None = None  # the node that acknowledged holding it
@@ -257,7 +263,7 @@ class Runtime:
             self._fail(fut, Cancelled("Cancelled", "the runtime closed", actor, method, future_id=fid))
             return fut
         if policy.attempts > 1:
-            fut._retry = _Retry(policy, subject, data, headers, reply)
+            fut._retry = _Retry(policy, subject, args, kwargs or None, headers, reply)
         if deps:
             self._after_deps(fut, deps, subject, method, args, kwargs, headers, reply, deadline)
         elif self.on_loop():
@@ -271,7 +277,6 @@ class Runtime:
         """Publish (loop thread); a call that may be retried also gets its liveness check armed."""
         r = fut._retry
         if r is not None:
-            r.data = data
             r.rk = self._attempts.add(time.time() + r.policy.attempt_timeout, fut)
         self.send(subject, data, headers, reply)
 
@@ -450,7 +455,8 @@ class Runtime:
         r = fut._retry
         if fut._state != PENDING or r is None or self.closed:
             return
-        self._send_call(fut, r.subject, r.data, r.headers, r.reply)
+        data = env.encode_call(fut.method, r.args, r.kwargs or {}, _DepEncoder())  # it encoded once: it will again
+        self._send_call(fut, r.subject, data, r.headers, r.reply)
 
     def _expire(self, fut: Future[Any]) -> None:
         if fut._state != PENDING:

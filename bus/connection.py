@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import ssl
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -77,9 +78,37 @@ class ConnectOptions:
         return ctx
 
 
+_WS = re.compile(rb"\s")
+
+
+class _Client(NatsClient):
+    """nats-py's client with a faster header parser (same rules).
+
+    nats-py checks each header name for whitespace with a generator over its characters, which was
+    the largest single cost of receiving a call; a compiled regex does the same check in C.
+    """
+
+    @staticmethod
+    def _parse_header_lines(raw: bytes) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for line in raw.split(b"\r\n"):
+            name, sep, value = line.partition(b":")
+            if not sep:
+                continue
+            name = name.strip()
+            if not name or _WS.search(name):
+                continue
+            try:
+                key = name.decode("ascii")
+            except UnicodeDecodeError:
+                continue
+            out[key] = value.strip().decode("utf-8", "replace")
+        return out
+
+
 async def open_connection(opts: ConnectOptions, on_closed: Callable[[], None] | None = None) -> NatsClient:
     """Connect, failing clearly if no server answers; once connected, reconnect forever."""
-    nc = NatsClient()
+    nc = _Client()
 
     up = [False]
     first_errors: list[Exception] = []
