@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     _nats_args(st)
 
     bench = sub.add_parser("bench", help="benchmarks (see README)")
-    bench.add_argument("what", choices=["calls", "futures"])
+    bench.add_argument("what", choices=["calls", "futures", "state"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
