@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import os
 import sys
+import time
 from typing import Any
 
 import orjson
@@ -53,6 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print the raw status of every node as JSON")
     st.add_argument("--timeout", type=float, default=2.0)
     _nats_args(st)
+
+    state = sub.add_parser("state", help="session state: show, log, migrate")
+    ssub = state.add_subparsers(dest="state_cmd", required=True)
+    for name, text in (("show", "the latest objects of every actor's state in SESSION"),
+                       ("log", "which future made which version of SESSION's state, and when")):
+        sp = ssub.add_parser(name, help=text)
+        sp.add_argument("session")
+        sp.add_argument("--json", action="store_true")
+        _nats_args(sp)
+    mg = ssub.add_parser("migrate", help="move SESSION's state from one node to another")
+    mg.add_argument("session")
+    mg.add_argument("--from", dest="src", required=True, metavar="NODE")
+    mg.add_argument("--to", dest="dst", required=True, metavar="NODE")
+    _nats_args(mg)
 
     bench = sub.add_parser("bench", help="benchmarks (see README)")
     bench.add_argument("what", choices=["calls", "futures", "state"])
@@ -130,6 +145,44 @@ async def _status(a: argparse.Namespace) -> int:
     return 0 if nodes else 1
 
 
+async def _state(a: argparse.Namespace) -> int:
+    from ..actors.client import connect_async
+
+    client = await connect_async(a.nats, a.namespace, name="nalar-cli")
+    try:
+        if a.state_cmd == "migrate":
+            out = await client.migrate_async(a.session, a.src, a.dst)
+            print(f"moved {', '.join(out['moved']) or 'nothing'} of session {a.session!r} from {out['from']} to "
+                  f"{out['to']}: {out['bytes']:,} bytes in {out['ms']:.1f} ms")
+            return 0
+        got = await client.state_async(a.session, a.state_cmd)
+    except RemoteError as e:
+        _err(str(e))
+        return EXIT_REMOTE
+    finally:
+        await client.aclose()
+    if a.json:
+        sys.stdout.write(orjson.dumps(got, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0 if got["units"] else 1
+    if not got["units"]:
+        print(f"no node holds state for session {a.session!r}")
+        return 1
+    for actor, value in sorted(got["units"].items()):
+        node = got["nodes"][actor]
+        if a.state_cmd == "show":
+            print(f"{actor}  (node {node}, version {value['version']})")
+            for name, obj in value["objects"].items():
+                text = orjson.dumps(obj).decode()
+                print(f"  {name} @v{value['versions'].get(name, '?')} = {text if len(text) < 200 else text[:197] + '...'}")
+        else:
+            print(f"{actor}  (node {node})")
+            print(f"  {'VERSION':>7}  {'TIME (UTC)':<23}  {'FUTURE':<24} {'METHOD':<16} {'ATTEMPT':>7}  WROTE")
+            for e in value:
+                ts = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["t"])) + f".{int(e['t'] % 1 * 1000):03d}"
+                print(f"  {e['version']:>7}  {ts:<23}  {e['f']:<24} {e['m']:<16} {e.get('a', 0):>7}  {', '.join(e['w'])}")
+    return 0
+
+
 def _node(a: argparse.Namespace) -> int:
     from .serve import serve_node
 
@@ -170,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_call(a))
         if a.cmd == "status":
             return asyncio.run(_status(a))
+        if a.cmd == "state":
+            return asyncio.run(_state(a))
         if a.cmd == "bench":
             from ..workloads import bench
 

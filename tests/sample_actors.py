@@ -251,3 +251,32 @@ class SlowCounter(nalar.Agent):
 
     def get(self) -> int:
         return nalar.managed_value("n", 0).value
+
+
+@nalar.hints(stateful=True, max_concurrency=None)
+class Ordered(nalar.Agent):
+    """Records how many calls of each session overlap, and the order they ran in."""
+
+    def __init__(self) -> None:
+        self.now: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+        self.total = 0
+        self.total_peak = 0
+
+    async def step(self, i: int) -> int:
+        s = nalar.session() or ""
+        self.now[s] = self.now.get(s, 0) + 1
+        self.peak[s] = max(self.peak.get(s, 0), self.now[s])
+        self.total += 1
+        self.total_peak = max(self.total_peak, self.total)
+        await asyncio.sleep(0.003)
+        nalar.managed_list("seen").append(i)
+        self.now[s] -= 1
+        self.total -= 1
+        return i
+
+    async def seen(self) -> list[int]:
+        return list(nalar.managed_list("seen"))
+
+    async def peaks(self) -> dict[str, object]:
+        return {"per_session": self.peak, "overall": self.total_peak}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 
 import lmdb
+import orjson
 import pytest
 
 import nalar
@@ -229,3 +230,91 @@ def test_kill_9_mid_flight_then_restart_every_call_completes_exactly_once(nats_u
         assert client.runtime.counters.get("retries", 0) >= in_flight
     finally:
         node.stop()
+
+
+def test_state_cli_show_log_and_migrate(start_node, client, nats_url, namespace):
+    import json
+    import subprocess
+    import sys
+
+    start_node("sample_actors:Counter", name="c1")
+    start_node("sample_actors:Counter", name="c2")
+    c = client.stub("Counter").options(session="cli-s")
+    for text in ("alpha", "beta"):
+        c.note(text).result(30)
+    c.incr(5).result(30)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "nalar.cli.main", "state", *args, "--nats", nats_url,
+                               "--namespace", namespace], capture_output=True, text=True, timeout=60)
+
+    r = cli("show", "cli-s")
+    assert r.returncode == 0, r.stderr
+    assert '"alpha"' in r.stdout and "n @v3 = 5" in r.stdout
+    r = cli("log", "cli-s", "--json")
+    log = json.loads(r.stdout)["units"]["Counter"]
+    assert [(e["version"], e["m"], e["w"]) for e in log] == [(1, "note", ["notes"]), (2, "note", ["notes"]),
+                                                            (3, "incr", ["n"])]
+    holder = json.loads(cli("show", "cli-s", "--json").stdout)["nodes"]["Counter"]
+    other = "c2" if holder == "c1" else "c1"
+    r = subprocess.run([sys.executable, "-m", "nalar.cli.main", "state", "migrate", "cli-s", "--from", holder,
+                        "--to", other, "--nats", nats_url, "--namespace", namespace],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and f"from {holder} to {other}" in r.stdout, r.stderr
+    assert json.loads(cli("show", "cli-s", "--json").stdout)["nodes"]["Counter"] == other
+    assert c.notes().result(30) == ["alpha", "beta"]
+    r = cli("show", "no-such-session")
+    assert r.returncode == 1 and "no node holds" in r.stdout
+
+
+def test_a_stateful_sessions_calls_run_one_at_a_time_in_order(start_node, client):
+    start_node("sample_actors:Ordered", name="ord")
+    stubs = {s: client.stub("Ordered").options(session=s) for s in ("A", "B", "C")}
+    futures = [stubs[s].step(i) for i in range(25) for s in stubs]
+    nalar.gather(futures).result(60)
+    for s, stub in stubs.items():
+        assert stub.seen().result(30) == list(range(25))  # arrival order, nothing lost, nothing twice
+    peaks = client.stub("Ordered").options(session="A").peaks().result(30)
+    assert all(v == 1 for v in peaks["per_session"].values())  # never two calls of one session at once
+    assert peaks["overall"] >= 2  # while different sessions did run together
+
+
+def test_garbage_in_a_state_transfer_fails_the_move_and_the_node_keeps_serving(start_node, client, nats_url,
+                                                                               namespace):
+    """A "holder" that answers an export with garbage: the move fails clearly and nothing is written."""
+    import asyncio
+
+    import nats
+
+    start_node("sample_actors:Counter", name="dest")
+    ready, stop = threading.Event(), threading.Event()
+
+    async def fake_holder() -> None:
+        nc = await nats.connect(nats_url)
+
+        async def on(msg):
+            body = orjson.loads(msg.data)
+            if body.get("op") == "units":
+                await msg.respond(orjson.dumps({"v": ["Counter"]}))
+            elif body.get("op") == "export":
+                for i, chunk in enumerate((b"NLS1garbage-", b"\x00\xff" * 100)):
+                    await nc.publish(msg.reply, chunk, headers={"Nalar-Seq": str(i), "Nalar-Total": "2"})
+
+        await nc.subscribe(f"nalar.{namespace}.node.fake", cb=on)
+        await nc.flush()
+        ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        await nc.close()
+
+    holder = threading.Thread(target=lambda: asyncio.run(fake_holder()), daemon=True)
+    holder.start()
+    assert ready.wait(30)
+    try:
+        with pytest.raises(nalar.RemoteError, match="bad state transfer"):
+            client.migrate("victim-session", "fake", "dest")
+    finally:
+        stop.set()
+        holder.join(30)
+    assert client.stub("Counter").options(session="fine").incr().result(30) == 1  # still serving
+    assert client.state_show("victim-session")["units"] == {}  # nothing was written
