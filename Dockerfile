@@ -10,7 +10,8 @@ WORKDIR /app
 # and tests out of the build context.
 COPY . .
 RUN pip install --no-cache-dir . \
-    && useradd --create-home --uid 1000 nalar
+    && useradd --create-home --uid 1000 nalar \
+    && mkdir /data && chown nalar /data
 
 USER nalar
 

@@ -124,6 +124,10 @@ def _print_status(nodes: list[dict[str, Any]]) -> None:
         mal = sum(n.get("malformed", {}).values())
         print(f"node {n['node']}  pid {n['pid']}  up {n['uptime_s']:.0f}s  in-flight {n['in_flight']}  "
               f"malformed {mal}{'  tracing' if n.get('tracing') else ''}")
+        st = n.get("state")
+        if st:
+            print(f"  state: {st['held']} session units held, {st['commit_ops']} commits in {st['commit_batches']} "
+                  f"batches, pulled {st['pulled']}, sent {st['exported']}, store {st['path']}")
         print(f"  {'ACTOR':<16} {'KIND':<6} {'INST':>4} {'RUNNING':>7} {'QUEUED':>6} {'DONE':>8} {'FAILED':>6}")
         for name, a in sorted(n["actors"].items()):
             print(f"  {name:<16} {a['kind']:<6} {len(a['instances']):>4} {a['running']:>7} {a['queued']:>6} "

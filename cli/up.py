@@ -23,6 +23,8 @@ def _banner(node: Node, url: str, namespace: str, data_dir: str) -> str:
         f"  node       {node.name} serving {served}",
         "  try        " + example,
         "             nalar status",
+        *(["             nalar call Notebook.add '[\"buy milk\"]' --session me && nalar state show me"]
+          if "Notebook" in node.groups else []),
         f"  elsewhere  NALAR_NATS_URL={url} nalar status",
         "  Ctrl-C stops everything.",
     ])
@@ -42,7 +44,7 @@ def run_up(specs: list[tuple[type, int | None]], namespace: str, data_dir: str |
         def ready(node: Node, connected: str) -> None:
             print(_banner(node, url, namespace, server.data_dir), file=out, flush=True)
 
-        asyncio.run(serve_node(specs, url, namespace, None, ready))
+        asyncio.run(serve_node(specs, url, namespace, None, ready, state_dir=os.path.join(server.data_dir, "state")))
     except KeyboardInterrupt:
         pass
     finally:

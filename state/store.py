@@ -21,7 +21,8 @@ from . import keys as K
 T = TypeVar("T")
 DEFAULT_MAP_SIZE = 64 * 1024 * 1024
 DEFAULT_MAX_MAP_SIZE = 64 * 1024 ** 3
-#: Versions of a unit kept for inspection and for recognising retried futures; older ones are compacted.
+#: Versions of a unit kept for inspection and for recognising retried futures; older ones are compacted
+#: (``NALAR_STATE_HISTORY``).
 DEFAULT_HISTORY = 1000
 
 
@@ -95,7 +96,7 @@ class Store:
         os.makedirs(path, exist_ok=True)
         self.path = path
         self.max_map_size = max_map_size or int(os.environ.get("NALAR_STATE_MAX_MAP", DEFAULT_MAX_MAP_SIZE))
-        self.history = max(1, history)
+        self.history = max(1, int(os.environ.get("NALAR_STATE_HISTORY", history)))
         self.sync = sync
         try:
             self.env = lmdb.open(path, map_size=min(map_size, self.max_map_size), subdir=True, max_readers=2048,

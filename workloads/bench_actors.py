@@ -31,3 +31,29 @@ async def raw_responder(url: str, subject: str) -> None:
 
 if __name__ == "__main__":
     asyncio.run(raw_responder(sys.argv[1], sys.argv[2]))
+
+
+@nalar.hints(stateful=True, max_concurrency=None)
+class StateBench(nalar.Agent):
+    """``nalar bench state``: a counter and a blob per session (each call that changes them commits)."""
+
+    async def incr(self) -> int:
+        n = nalar.managed_value("n", 0)
+        n.value += 1
+        return n.value  # type: ignore[no-any-return]
+
+    async def get(self) -> int:
+        return nalar.managed_value("n", 0).value  # type: ignore[no-any-return]
+
+    async def put(self, size: int) -> int:
+        d = nalar.managed_dict("blob")
+        d["data"] = "x" * size
+        return size
+
+    async def size(self) -> int:
+        return len(nalar.managed_dict("blob").get("data", ""))
+
+    async def where(self) -> int:
+        import os
+
+        return os.getpid()

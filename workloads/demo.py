@@ -39,6 +39,19 @@ class Analyst(nalar.Agent):
         return {"stats": counts.result(), "keywords": top.result()}
 
 
+@nalar.hints(stateful=True)
+class Notebook(nalar.Agent):
+    """Session state: ``nalar call Notebook.add '["buy milk"]' --session me``, then ``nalar state show me``."""
+
+    def add(self, note: str) -> int:
+        notes = nalar.managed_list("notes")
+        notes.append(note)
+        return len(notes)
+
+    def notes(self) -> list[str]:
+        return list(nalar.managed_list("notes"))
+
+
 @nalar.hints(max_concurrency=None)
 class Echo(nalar.Tool):
     """Returns its argument; used by ``nalar bench calls``. ``wait`` parks until ``release``."""
@@ -63,4 +76,4 @@ class Echo(nalar.Tool):
 
 
 #: What ``nalar up`` and ``nalar node --demo`` serve: (class, instances).
-DEMO = [(Analyst, 2), (Stats, 2), (Keywords, 1), (Echo, 1)]
+DEMO = [(Analyst, 2), (Stats, 2), (Keywords, 1), (Notebook, 1), (Echo, 1)]
