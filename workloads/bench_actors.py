@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 import nalar
@@ -29,10 +30,6 @@ async def raw_responder(url: str, subject: str) -> None:
     await asyncio.Event().wait()
 
 
-if __name__ == "__main__":
-    asyncio.run(raw_responder(sys.argv[1], sys.argv[2]))
-
-
 @nalar.hints(stateful=True, max_concurrency=None)
 class StateBench(nalar.Agent):
     """``nalar bench state``: a counter and a blob per session (each call that changes them commits)."""
@@ -54,6 +51,8 @@ class StateBench(nalar.Agent):
         return len(nalar.managed_dict("blob").get("data", ""))
 
     async def where(self) -> int:
-        import os
-
         return os.getpid()
+
+
+if __name__ == "__main__":
+    asyncio.run(raw_responder(sys.argv[1], sys.argv[2]))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import sys
@@ -41,6 +42,8 @@ def state_node(url: str, ns: str, name: str, state_dir: str) -> Child:
 
 async def commit_round(client: Any, sessions: list[str], inflight: int, seconds: float) -> tuple[int, int, float]:
     """``inflight`` workers, worker w cycling over sessions w, w+inflight, ...; returns (done, errors, rate)."""
+    import nalar
+
     stubs = [client.stub(ACTOR, timeout=60).options(session=s) for s in sessions]
     done = errors = 0
     stop = time.perf_counter() + seconds
@@ -53,7 +56,7 @@ async def commit_round(client: Any, sessions: list[str], inflight: int, seconds:
             try:
                 await mine[i % len(mine)].incr()
                 done += 1
-            except Exception as e:  # counted and reported; the sum check then tells whether it mattered
+            except nalar.NalarError as e:  # counted and reported; the sum check then tells whether it mattered
                 errors += 1
                 if errors <= 3:
                     print(f"incr failed: {type(e).__name__}: {e}", file=sys.stderr)
@@ -177,10 +180,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             mig[size] = {"client": client_ms, "node": node_ms}
     finally:
         if client is not None:
-            try:
+            with contextlib.suppress(Exception):  # a broken connection must not keep the children running
                 await client.aclose()
-            except Exception:
-                pass
         for c in children:
             c.stop()
         if server:
@@ -200,7 +201,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{label + ' (client / node)':<40} {median(m['client']):>12.1f}  {'ms':<8} "
               f"{median(m['node']):>7.1f} ms")
     correct = commits_ok and migrate_ok
-    print(f"{'correct (sum of counters, sizes)':<40} {str(correct):>12}")
+    print(f"{'correct (sum of counters, sizes)':<40} {correct!s:>12}")
     out.update({
         "commits_per_s": round(commits), "raw_puts_per_s": round(rb), "raw_puts_unbatched_per_s": round(r1),
         "ratio": round(commits / rb, 3) if rb else None, "batch": batch,
