@@ -96,9 +96,12 @@ class Client:
             node = str(st["node"])
             got = await self.runtime.transport_request(self.runtime.subjects.node(node),
                                                        {"op": what, "session": session})
+            held = got.get("held", [])
             for actor, value in got.get("units", {}).items():
-                units[actor] = value
-                where[actor] = node
+                # a copy on its way out (or left by a failed move) yields to the holder's
+                if actor in held or actor not in units:
+                    units[actor] = value
+                    where[actor] = node
         return {"session": session, "units": units, "nodes": where}
 
     def state_show(self, session: str) -> dict[str, Any]:

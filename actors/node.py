@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import secrets
 import socket
 import time
 import traceback
@@ -164,6 +165,7 @@ class Node:
         self.max_queue = max_queue
         self.state_dir = state_dir
         self.sessions: Sessions | None = None
+        self.boot = secrets.token_hex(6)  # this incarnation: a restart under the same name is another node
         self.groups: dict[str, ActorGroup] = {}
         self.active: dict[str, Call] = {}
         self._specs = actors
@@ -209,6 +211,9 @@ class Node:
             from ..bus.discovery import home
 
             path = self.state_dir or str(home() / "state" / self.name)
+            if self.name == default_node_name():
+                log.warning("node %s hosts stateful actors under a name that changes on restart; give it a "
+                            "stable --name so it finds its sessions again", self.name)
             self.sessions = await Sessions.open(self, _os.path.abspath(path))
         for g in self.groups.values():
             for inst in g.instances:
@@ -231,7 +236,7 @@ class Node:
     async def _tick(self) -> None:
         """Heartbeat every second; acknowledge calls held for a second to callers that may retry."""
         hb_subject = self.rt.subjects.heartbeat(self.name)
-        hb = env.dumps({"node": self.name})
+        hb = env.dumps({"node": self.name, "boot": self.boot})
         next_hb = 0.0
         while True:
             now = time.monotonic()
@@ -247,7 +252,7 @@ class Node:
                     prefix, _, token = c.reply.rpartition(".")
                     acks.setdefault(prefix, []).append(token)
             for prefix, tokens in acks.items():
-                self.rt.send(prefix + ".ack", env.dumps({"node": self.name, "ids": tokens}))
+                self.rt.send(prefix + ".ack", env.dumps({"node": self.name, "boot": self.boot, "ids": tokens}))
             await asyncio.sleep(HEARTBEAT_INTERVAL / 4)
 
     def subscriptions(self) -> list[str]:
@@ -322,6 +327,9 @@ class Node:
         if running is not None:  # a retry of a call still running here: it gets the same answer
             if c.reply and c.reply != running.reply:
                 running.also = (running.also or []) + [c.reply]
+            if c.reply and c.attempt >= 0:  # and hears at once that it is held, by a live node
+                prefix, _, token = c.reply.rpartition(".")
+                self.rt.send(prefix + ".ack", env.dumps({"node": self.name, "boot": self.boot, "ids": [token]}))
             return
         now = time.time()
         if not c.deadline:  # nothing waits forever: a call without a deadline gets the default
@@ -641,23 +649,25 @@ class Node:
         if op == "units":
             return sessions.units_of(session)
         if op in ("show", "log"):
-            out = {}
+            out, held = {}, []
             for actor in sessions.units_of(session):
                 u = state_keys.unit(session, actor)
                 out[actor] = sessions.store.snapshot(u) if op == "show" else sessions.store.log(u)
-            return {"node": self.name, "session": session, "units": out}
+                if u in sessions.held:
+                    held.append(actor)
+            return {"node": self.name, "session": session, "units": out, "held": held}
         if op == "pull":
             src = body.get("from")
             if not isinstance(src, str) or not src:
                 raise MalformedMessage("pull needs 'from' (the node that holds the session)")
             asyncio.get_running_loop().create_task(self._pull_session(session, src, reply))
             return _LATER
-        actor = body.get("actor")
-        if not isinstance(actor, str) or actor not in self.groups:
+        target = body.get("actor")
+        if not isinstance(target, str) or target not in self.groups:
             raise MalformedMessage(f"{op} needs an 'actor' hosted here")
-        u = state_keys.unit(session, actor)
+        u = state_keys.unit(session, target)
         if op == "export_done":
-            sessions.confirmed(u)
+            sessions.confirmed(u, body.get("ok") is True)
             return _LATER
         to = body.get("to")
         if not reply or not isinstance(to, str):
@@ -674,9 +684,11 @@ class Node:
             if src == self.name:
                 raise ValueError("source and destination are the same node")
             msg = await self.rt.transport_request(self.rt.subjects.node(src), {"op": "units", "session": session})
+            if not isinstance(msg, list):
+                raise ValueError(f"node {src} answered 'units' with {type(msg).__name__}, not a list")
             for actor in msg:
-                if actor in self.groups:
-                    size += await self.sessions.pull(state_keys.unit(session, actor), src)
+                if isinstance(actor, str) and actor in self.groups:
+                    size += await self.sessions.bring_here(state_keys.unit(session, actor), expect_src=src)
                     moved.append(actor)
         except Exception as e:
             if reply:
@@ -694,7 +706,7 @@ class Node:
                 return
             out = env.encode_result(result)
             env.check_size(out, None, self.rt.transport.max_payload, f"the answer to {where}")
-        except (MalformedMessage, StateError, ValueError) as e:
+        except (MalformedMessage, StateError, ValueError, TypeError, KeyError) as e:
             self.rt.count_malformed(where)
             if reply:
                 self.rt.send(reply, env.encode_error({"kind": "bad_request", "type": "MalformedMessage",

@@ -74,7 +74,7 @@ class _Retry:
     whatever its length, which at 100k pending calls would be most of the memory they use.
     """
 
-    __slots__ = ("policy", "attempt", "subject", "args", "kwargs", "headers", "reply", "node", "rk")
+    __slots__ = ("policy", "attempt", "subject", "args", "kwargs", "headers", "reply", "node", "boot", "rk")
 
     def __init__(self, policy: RetryPolicy, subject: str, args: Any, kwargs: Any, headers: dict[str, str],
                  reply: str) -> None:
@@ -85,7 +85,8 @@ class _Retry:
         self.kwargs = kwargs
         self.headers = headers
         self.reply = reply
-        self.node: str | None = None  # the node that acknowledged holding it
+        self.node: str | None = None  # the node that acknowledged holding it...
+        self.boot = ""  # ...in which incarnation (a node restarted under the same name is another one)
         self.rk = 0
 
 
@@ -114,7 +115,7 @@ class Runtime:
         self._post_lock = threading.Lock()
         self._wheel = DeadlineWheel(self._expire)
         self._attempts = DeadlineWheel(self._check_attempt)  # when to ask "is my call's executor alive?"
-        self.node_seen: dict[str, float] = {}  # node -> monotonic time of its last heartbeat
+        self.node_seen: dict[str, tuple[float, str]] = {}  # node -> (monotonic time of its last heartbeat, boot id)
         self._subs: list[Any] = []
         self.default_timeout = default_timeout()
         self.counters: dict[str, int] = {"calls": 0, "late_replies": 0}
@@ -236,6 +237,11 @@ class Runtime:
             else:
                 parent.children.append(fut)
         headers[env.H_DEADLINE] = f"{deadline:.3f}"
+        if parent is not None and parent.unit and actor == parent.group.name and session == parent.session:
+            fut._finish(FAILED, BadRequest(
+                "BadRequest", f"{actor}.{method}: a stateful call may not call its own actor in its own session "
+                "(the session's calls run one at a time, so it would wait for itself)", actor, method, future_id=fid))
+            return fut
         if session is not _INHERIT and session is not None:
             session = str(session)
             if len(session) > env.MAX_SESSION_LEN or "\n" in session or "\r" in session:
@@ -399,28 +405,31 @@ class Runtime:
         node = subject.rpartition(".")[2]
         try:
             body = env.decode_json_object(data, "heartbeat")
-            if body.get("node") != node:
-                raise MalformedMessage("heartbeat names another node")
+            boot = body.get("boot")
+            if body.get("node") != node or not isinstance(boot, str):
+                raise MalformedMessage("heartbeat must be {'node': its name, 'boot': its boot id}")
         except MalformedMessage:
             self.count_malformed("heartbeat")
             return
-        self.node_seen[node] = time.monotonic()
+        self.node_seen[node] = (time.monotonic(), boot)
 
     def _on_ack(self, data: bytes) -> None:
         try:
             body = env.decode_json_object(data, "ack")
-            node, ids = body.get("node"), body.get("ids")
-            if not isinstance(node, str) or not isinstance(ids, list):
-                raise MalformedMessage("ack body must be {'node': name, 'ids': [tokens]}")
+            node, boot, ids = body.get("node"), body.get("boot"), body.get("ids")
+            if not isinstance(node, str) or not isinstance(boot, str) or not isinstance(ids, list):
+                raise MalformedMessage("ack body must be {'node': name, 'boot': id, 'ids': [tokens]}")
         except MalformedMessage:
             self.count_malformed("ack")
             return
-        now = time.monotonic()
-        self.node_seen.setdefault(node, now)
+        seen = self.node_seen.get(node)
+        if seen is None or seen[1] != boot:
+            self.node_seen[node] = (time.monotonic(), boot)
         for tok in ids:
             fut = self.pending.get(tok) if isinstance(tok, str) else None
             if fut is not None and fut._retry is not None:
                 fut._retry.node = node
+                fut._retry.boot = boot
 
     def _check_attempt(self, fut: Future[Any]) -> None:
         """The attempt's time is up: keep waiting if a live node holds it, else send it again."""
@@ -428,8 +437,9 @@ class Runtime:
         if fut._state != PENDING or r is None:
             return
         timeout = r.policy.attempt_timeout
-        if r.node is not None and time.monotonic() - self.node_seen.get(r.node, float("-inf")) < timeout:
-            r.rk = self._attempts.add(time.time() + timeout, fut)
+        seen = self.node_seen.get(r.node) if r.node is not None else None
+        if seen is not None and seen[1] == r.boot and time.monotonic() - seen[0] < timeout:
+            r.rk = self._attempts.add(time.time() + timeout, fut)  # a live node (same boot) holds it
             return
         token = fut.id.rpartition("-")[2]
         if not self._retry_later(fut, token):
@@ -444,6 +454,9 @@ class Runtime:
             return False
         r.attempt += 1
         r.node = None
+        if r.rk:  # the previous attempt's liveness check must not fire on this one
+            self._attempts.discard(r.rk, fut)
+            r.rk = 0
         r.headers = dict(r.headers, **{env.H_ATTEMPT: str(r.attempt)})
         self.pending[token] = fut
         self.counters["retries"] = self.counters.get("retries", 0) + 1

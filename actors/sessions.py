@@ -6,9 +6,14 @@ session) or pulls it from the holder (migration to here). A call whose future al
 answered from the store without running again. After the method returns, its changes commit as the
 unit's next version before the caller hears back.
 
-Moving a unit (``migrate``): the destination asks the holder to export it; the holder stops
-admitting calls of that unit, waits for the ones running, streams its records, and drops its copy
-only after the destination has written them durably and switched placement.
+Holding a unit is decided by placement, never by finding its data on disk: a unit this process has
+not yet confirmed is claimed (new) or pulled (held elsewhere) before its first call here.
+
+Moving a unit: the destination asks the holder to export it. The holder marks placement
+``holder>destination``, stops admitting the unit's calls, waits for the one running, and streams the
+records. The destination writes them durably, then swaps the mark for its own name and says so; only
+then does the holder drop its copy. If that does not happen in time, the holder swaps the mark back
+to itself, and a late destination, finding its swap refused, drops what it wrote.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from ..bus.transport import LocalTransport, NatsTransport
 from ..state import keys as K
 from ..state import transfer
 from ..state.committer import Commit, Committer, Drop, Put
-from ..state.placement import KVPlacement, LocalPlacement, Placement
+from ..state.placement import KVPlacement, LocalPlacement, Placement, holder
 from ..state.store import Store
 
 if TYPE_CHECKING:
@@ -31,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nalar.sessions")
 H_SEQ, H_TOTAL = "Nalar-Seq", "Nalar-Total"
-TRANSFER_TIMEOUT = 120.0
+TRANSFER_TIMEOUT = 30.0  # a transfer of 10 MiB takes ~50 ms here; this bounds how long a dead peer stalls calls
 
 
 class Sessions:
@@ -41,9 +46,11 @@ class Sessions:
         self.store = store
         self.committer = Committer(store)
         self.placement = placement
-        self.held: set[bytes] = set()
+        self.held: set[bytes] = set()  # units placement says are ours (checked once per unit)
         self._acquiring: dict[bytes, list["Call"]] = {}
-        self.moving: dict[bytes, list["Call"]] = {}
+        self._bringing: dict[bytes, "asyncio.Future[None]"] = {}  # one claim/pull per unit at a time
+        self.moving: dict[bytes, list["Call"]] = {}  # units being exported -> calls parked meanwhile
+        self.owner: dict[bytes, "Call"] = {}  # the call whose turn it is, per unit
         self.busy: dict[bytes, list["Call"]] = {}  # unit -> calls waiting their turn (stateful order)
         self._idle: dict[bytes, asyncio.Event] = {}
         self._confirm: dict[bytes, "asyncio.Future[bool]"] = {}
@@ -68,26 +75,19 @@ class Sessions:
 
     # -- admission ------------------------------------------------------------------------------
     def admit(self, c: "Call") -> None:
-        """Run ``c`` when its unit is here and its turn comes; answer it from the store if it committed."""
+        """Run ``c`` once its unit is held here and its turn comes; answer it from the store if it committed."""
         u = c.unit
         if u in self.moving:
             self.moving[u].append(c)
             return
         if u not in self.held:
-            try:
-                here = self.store.head(u) is not None
-            except StateError as e:
-                self.node._fail_call(c, "state", "StateError", str(e))
-                return
-            if not here:
-                waiting = self._acquiring.get(u)
-                if waiting is not None:
-                    waiting.append(c)
-                else:
-                    self._acquiring[u] = [c]
-                    asyncio.get_running_loop().create_task(self._acquire(u))
-                return
-            self.held.add(u)
+            waiting = self._acquiring.get(u)
+            if waiting is not None:
+                waiting.append(c)
+            else:
+                self._acquiring[u] = [c]
+                asyncio.get_running_loop().create_task(self._acquire(u))
+            return
         try:
             prior = self.store.find_future(c.id)
         except StateError as e:
@@ -96,25 +96,21 @@ class Sessions:
         if prior is not None:  # a retry of a call that already committed: same answer, no second effect
             self.node._respond(c, True, prior[1])
             return
-        queue = self.busy.get(u)
-        if queue is not None:
-            queue.append(c)
+        if u in self.owner:
+            self.busy[u].append(c)
             return
+        self.owner[u] = c
         self.busy[u] = []
         self.node._enqueue(c)
 
     async def _acquire(self, u: bytes) -> None:
         err: str | None = None
         try:
-            holder = await self.placement.claim(u, self.node.name)
-            if holder != self.node.name:
-                await self.pull(u, holder)
-            self.held.add(u)
+            await self.bring_here(u)
         except Exception as e:  # the holder is gone, placement is unreachable...: the calls fail clearly
             err = f"cannot bring session state {K.split_unit(u)} to node {self.node.name}: {e}"
             log.warning("%s", err)
-        calls = self._acquiring.pop(u, [])
-        for c in calls:
+        for c in self._acquiring.pop(u, []):
             if c.done:
                 continue
             if err is None:
@@ -123,72 +119,145 @@ class Sessions:
                 self.node._fail_call(c, "unavailable", "Unavailable", err)
 
     def release(self, c: "Call") -> None:
-        """``c`` is answered: let the next call of its unit in."""
+        """``c`` is answered: if it had its unit's turn, the next waiting call gets it."""
         u = c.unit
-        queue = self.busy.get(u)
-        if queue is None:
+        if self.owner.get(u) is not c:  # it never had the turn: just leave the line
+            queue = self.busy.get(u)
+            if queue is not None and c in queue:
+                queue.remove(c)
             return
+        queue = self.busy[u]
         while queue:
             nxt = queue.pop(0)
             if not nxt.done:
+                self.owner[u] = nxt
                 self.node._enqueue(nxt)
                 return
         del self.busy[u]
+        del self.owner[u]
         ev = self._idle.pop(u, None)
         if ev is not None:
             ev.set()
+
+    # -- holding a unit: placement decides, never the mere presence of data ----------------------
+    async def bring_here(self, u: bytes, expect_src: str | None = None) -> int:
+        """Make this node the unit's holder: claim it if new, or pull it from its holder."""
+        if u in self.held:
+            return 0
+        running = self._bringing.get(u)
+        if running is not None:
+            await asyncio.shield(running)
+            return 0
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._bringing[u] = fut
+        try:
+            me = self.node.name
+            if expect_src is None:
+                value = await self.placement.claim(u, me)
+            else:  # a migrate: the unit must already be placed at its source
+                cur = await self.placement.get(u)
+                if cur is None:
+                    raise StateError("StateError", f"{K.split_unit(u)} is not placed anywhere")
+                value = cur[0]
+            src = holder(value)
+            if expect_src is not None and src != expect_src:
+                raise StateError("StateError", f"{K.split_unit(u)} is held by {src!r}, not {expect_src!r}")
+            if src == me:
+                if value != me:  # we died while moving it away: take it back (the destination's swap fails)
+                    await self.placement.swap(u, value, me)
+                self.held.add(u)
+                return 0
+            return await self._pull(u, src)
+        finally:
+            self._bringing.pop(u, None)
+            if not fut.done():
+                fut.set_result(None)
 
     # -- commit -----------------------------------------------------------------------------------
     def commit(self, c: "Call", writes: dict[str, bytes], body: bytes) -> None:
         def done(outcome: Any) -> None:
             self.rt.post(self.node._committed, c, outcome, body)
 
+        assert c.txn is not None
         self.committer.submit(Commit(c.unit, c.id, c.method, c.attempt, dict(c.txn.seen), writes, body, done))
 
     # -- moving units -------------------------------------------------------------------------------
     async def export(self, u: bytes, reply: str, to: str) -> None:
-        """Holder side: stream the unit to ``reply``; drop it once the destination confirms."""
-        if u not in self.held and self.store.head(u) is None:
-            self.rt.send(reply, env.encode_error({"kind": "state", "type": "StateError",
-                                                  "message": f"node {self.node.name} does not hold {K.split_unit(u)}"}))
+        """Holder side of a move: fence it in placement, stream the unit, drop it only once ``to`` holds it."""
+        me = self.node.name
+
+        def refuse(why: str) -> None:
+            self.rt.send(reply, env.encode_error({"kind": "state", "type": "StateError", "message": why}))
+
+        if u in self.moving or u in self._bringing:
+            refuse(f"{K.split_unit(u)} is already moving")
+            return
+        if u not in self.held:
+            cur = await self.placement.get(u)
+            if cur is None or cur[0] != me:
+                refuse(f"node {me} does not hold {K.split_unit(u)}")
+                return
+            self.held.add(u)
+        mark = f"{me}>{to}"
+        if not await self.placement.swap(u, me, mark):
+            refuse(f"placement of {K.split_unit(u)} is not {me!r}")
             return
         parked = self.moving.setdefault(u, [])
+        confirmed = self._confirm[u] = asyncio.get_running_loop().create_future()
+        moved = False
         try:
-            if u in self.busy:  # wait for its running calls to commit
-                ev = self._idle.setdefault(u, asyncio.Event())
-                await ev.wait()
+            if u in self.owner:  # let its running call commit first
+                await self._idle.setdefault(u, asyncio.Event()).wait()
             loop = asyncio.get_running_loop()
-            data = await loop.run_in_executor(None, lambda: transfer.pack(self.store.records(u)))
+            records = await loop.run_in_executor(None, self.store.records, u)
+            if not records:  # claimed but never written: an empty unit moves as an empty head
+                records = [(K.head(u), b'{"v":0,"o":{}}')]
+            data = transfer.pack(records)
             size = max(1024, self.rt.transport.max_payload - 4096)
             parts = transfer.chunks(data, size)
             for i, part in enumerate(parts):
                 await self.rt.transport.publish(reply, part, {H_SEQ: str(i), H_TOTAL: str(len(parts))})
             await self.rt.transport.flush()
-            confirmed = self._confirm.setdefault(u, asyncio.get_running_loop().create_future())
             try:
-                moved = await asyncio.wait_for(asyncio.shield(confirmed), TRANSFER_TIMEOUT)
+                ok = await asyncio.wait_for(asyncio.shield(confirmed), TRANSFER_TIMEOUT)
             except asyncio.TimeoutError:
+                ok = False
+            if ok:
                 cur = await self.placement.get(u)
                 moved = cur is not None and cur[0] == to
-            if moved:
-                await self._write(Drop(u, _ignore))
-                self.held.discard(u)
-                self.exported += 1
+            if not moved:  # reclaim; if the destination's swap landed first, it has the unit after all
+                if not await self.placement.swap(u, mark, me):
+                    cur = await self.placement.get(u)
+                    moved = cur is not None and cur[0] == to
+        except Exception:
+            log.exception("export of %s failed", K.split_unit(u))
+            if not await self.placement.swap(u, mark, me):
+                cur = await self.placement.get(u)
+                moved = cur is not None and cur[0] == to
         finally:
+            if moved:
+                self.held.discard(u)
+                try:
+                    await self._write(Drop(u, _ignore))
+                except StateError:
+                    log.exception("dropping %s after it moved", K.split_unit(u))
+                self.exported += 1
             self._confirm.pop(u, None)
             self.moving.pop(u, None)
             for c in parked:  # they re-enter: here if the move failed, else they pull from the new holder
                 if not c.done:
                     self.admit(c)
 
-    def confirmed(self, u: bytes) -> None:
+    def confirmed(self, u: bytes, ok: bool) -> None:
         f = self._confirm.get(u)
         if f is not None and not f.done():
-            f.set_result(True)
+            f.set_result(ok)
 
-    async def pull(self, u: bytes, src: str) -> int:
-        """Destination side: fetch the unit from ``src``, write it durably, take placement, confirm."""
+    async def _pull(self, u: bytes, src: str) -> int:
+        """Destination side: fetch the unit, write it durably, then swap placement ``src>me`` to ``me``."""
         rt = self.rt
+        me = self.node.name
+        session, actor = K.split_unit(u)
         inbox = rt.subjects.inbox(rt.proc, f"pull{time.monotonic_ns():x}")
         parts: dict[int, bytes] = {}
         total: list[int] = []
@@ -198,8 +267,11 @@ class Sessions:
         def on(subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
             try:
                 if not headers or H_SEQ not in headers:
-                    ok, value = env.decode_reply(data)  # the holder answered with an error
-                    failure.append(str(value.get("message") if isinstance(value, dict) else value))
+                    if not data and headers and headers.get("Status") == "503":
+                        failure.append(f"node {src} is not reachable")
+                    else:
+                        ok, value = env.decode_reply(data)  # the holder refused, with a reason
+                        failure.append(str(value.get("message") if isinstance(value, dict) else value))
                     got.set()
                     return
                 seq, n = int(headers[H_SEQ]), int(headers[H_TOTAL])
@@ -216,29 +288,35 @@ class Sessions:
             if len(parts) >= total[0]:
                 got.set()
 
+        async def tell(ok: bool) -> None:
+            await rt.transport.publish(rt.subjects.node(src), env.dumps(
+                {"op": "export_done", "session": session, "actor": actor, "ok": ok}))
+
         sub = await rt.transport.subscribe(inbox, on)
-        session, actor = K.split_unit(u)
         try:
-            body = env.dumps({"op": "export", "session": session, "actor": actor, "to": self.node.name})
-            await rt.transport.publish(rt.subjects.node(src), body, None, inbox)
+            await rt.transport.publish(rt.subjects.node(src), env.dumps(
+                {"op": "export", "session": session, "actor": actor, "to": me}), None, inbox)
             try:
                 await asyncio.wait_for(got.wait(), TRANSFER_TIMEOUT)
             except asyncio.TimeoutError:
-                raise StateError("StateError", f"node {src} did not send {K.split_unit(u)} within "
-                                               f"{TRANSFER_TIMEOUT:.0f} s") from None
+                failure.append(f"node {src} did not send {K.split_unit(u)} within {TRANSFER_TIMEOUT:.0f} s")
         finally:
             await sub.unsubscribe()
-        if failure:
-            raise StateError("StateError", failure[0])
-        data = b"".join(parts[i] for i in range(total[0]))
-        records = transfer.unpack(data, u)  # validates everything before a byte is written
-        await self._write(Put(u, records, _ignore))
-        if not await self.placement.move(u, src, self.node.name):
-            raise StateError("StateError", f"placement of {K.split_unit(u)} changed during the move")
+        try:
+            if failure:
+                raise StateError("StateError", failure[0])
+            data = b"".join(parts[i] for i in range(total[0]))
+            records = transfer.unpack(data, u)  # validates everything before a byte is written
+            await self._write(Put(u, records, _ignore))
+            if not await self.placement.swap(u, f"{src}>{me}", me):
+                await self._write(Drop(u, _ignore))  # the holder took it back: our copy must not live on
+                raise StateError("StateError", f"the move of {K.split_unit(u)} was called off by {src}")
+        except BaseException:
+            await tell(False)
+            raise
         self.held.add(u)
         self.pulled += 1
-        await rt.transport.publish(rt.subjects.node(src), env.dumps({"op": "export_done", "session": session,
-                                                                        "actor": actor}))
+        await tell(True)
         return len(data)
 
     async def _write(self, op: Any) -> Any:

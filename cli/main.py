@@ -181,9 +181,11 @@ async def _state(a: argparse.Namespace) -> int:
         else:
             print(f"{actor}  (node {node})")
             print(f"  {'VERSION':>7}  {'TIME (UTC)':<23}  {'FUTURE':<24} {'METHOD':<16} {'ATTEMPT':>7}  WROTE")
-            for e in value:
-                ts = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e["t"])) + f".{int(e['t'] % 1 * 1000):03d}"
-                print(f"  {e['version']:>7}  {ts:<23}  {e['f']:<24} {e['m']:<16} {e.get('a', 0):>7}  {', '.join(e['w'])}")
+            for entry in value:
+                t = entry["t"]
+                ts = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}"
+                print(f"  {entry['version']:>7}  {ts:<23}  {entry['f']:<24} {entry['m']:<16} {entry.get('a', 0):>7}  "
+                      f"{', '.join(entry['w'])}")
     return 0
 
 

@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any, Callable
 
+import lmdb
 import orjson
 
 from ..bus.errors import Conflict, StateError, StateFull
@@ -98,7 +99,7 @@ def _compact(store: Store, txn: Any, u: bytes, v: int) -> None:
             txn.delete(K.obj(u, name, int(prev)))
         if isinstance(e.get("f"), str):
             txn.delete(K.future(e["f"]))
-    except (orjson.JSONDecodeError, TypeError, ValueError):
+    except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError):
         log.warning("skipping compaction of a garbled log record of %s", K.split_unit(u))
     txn.delete(lkey)
 
@@ -197,9 +198,12 @@ class Committer:
                 child = store.env.begin(write=True, parent=txn)
                 try:
                     out = op.apply(store, child)
-                except (StateError, ValueError, TypeError) as e:
+                except lmdb.MapFullError:  # the map must grow: the whole batch is retried after
                     child.abort()
-                    err = e if isinstance(e, StateError) else StateError("StateError", str(e))
+                    raise
+                except Exception as e:  # this op alone fails (garbage, a key too long, ...); the batch goes on
+                    child.abort()
+                    err = e if isinstance(e, StateError) else StateError("StateError", f"{type(e).__name__}: {e}")
                     outcomes.append(("error", err))
                     continue
                 except BaseException:
@@ -215,7 +219,11 @@ class Committer:
         try:
             outcomes = store.write(run)
         except StateFull as e:
-            outcomes = [("error", e)] * len(batch)
+            if len(batch) > 1:  # the map is at its maximum: the ops that still fit should land
+                for op in batch:
+                    self._apply([op])
+                return
+            outcomes = [("error", e)]
         except Exception as e:  # a disk error: every op of the batch fails, clearly, and nothing half-applies
             log.exception("state batch failed")
             outcomes = [("error", StateError("StateError", f"the state store failed: {e!r}"))] * len(batch)

@@ -30,11 +30,18 @@ def check_object_name(name: str) -> str:
     return name
 
 
+#: LMDB keys are at most 511 bytes; a unit's longest key adds a name (64), separators and a version.
+MAX_SESSION_BYTES = 256
+MAX_ACTOR_BYTES = 64
+
+
 def unit(session: str, actor: str) -> bytes:
-    s = session.encode()
-    if SEP in s or not s:
-        raise ValueError("a session id must be non-empty and may not contain NUL")
-    return s + SEP + actor.encode()
+    s, a = session.encode(), actor.encode()
+    if SEP in s or not s or len(s) > MAX_SESSION_BYTES:
+        raise ValueError(f"a session id for state must be 1-{MAX_SESSION_BYTES} bytes of UTF-8 without NUL")
+    if len(a) > MAX_ACTOR_BYTES:
+        raise ValueError(f"a stateful actor's name must be at most {MAX_ACTOR_BYTES} bytes")
+    return s + SEP + a
 
 
 def split_unit(u: bytes) -> tuple[str, str]:

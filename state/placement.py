@@ -1,9 +1,11 @@
 """Placement: which node holds the latest version of each unit (session, actor).
 
-Kept in a JetStream key-value bucket, ``nalar_<namespace>_placement`` (one key per unit, the value
-is the node's name), because it must be right under races: a node *claims* a new unit with an atomic
-create, and a migration *moves* it with a compare-and-set on the revision it read, only after the
-destination holds the unit durably. Local mode uses an in-memory map with the same operations.
+Kept in a JetStream key-value bucket, ``nalar_<namespace>_placement`` (one key per unit), because it
+must be right under races. The value is the holder's name, or ``holder>destination`` while a move is
+under way. A node *claims* a new unit with an atomic create. A move is fenced by compare-and-set:
+the holder marks ``src>dst`` before sending; the destination, once it holds the copy durably, swaps
+``src>dst`` for ``dst``; a holder whose move timed out swaps ``src>dst`` back to ``src``. Whichever
+swap lands first wins and the other side undoes its part. Local mode keeps the same map in memory.
 """
 from __future__ import annotations
 
@@ -18,15 +20,22 @@ def kv_key(unit: bytes) -> str:
     return base64.urlsafe_b64encode(unit).decode().rstrip("=")
 
 
-class Placement(Protocol):
-    async def get(self, unit: bytes) -> tuple[str, int] | None: ...
+def holder(value: str) -> str:
+    """The node that holds the unit now (``a>b``: a move from a to b is under way; a still holds it)."""
+    return value.partition(">")[0]
 
-    async def claim(self, unit: bytes, node: str) -> str:
-        """Become the holder if there is none; return the holder (``node`` if the claim won)."""
+
+class Placement(Protocol):
+    async def get(self, unit: bytes) -> tuple[str, int] | None:
+        """The raw value (``node`` or ``src>dst``) and its revision, or None."""
         ...
 
-    async def move(self, unit: bytes, src: str, dst: str) -> bool:
-        """Set the holder to ``dst`` only if it is still ``src``."""
+    async def claim(self, unit: bytes, node: str) -> str:
+        """Become the holder if there is none; return the current value (``node`` if the claim won)."""
+        ...
+
+    async def swap(self, unit: bytes, expect: str, new: str) -> bool:
+        """Set the value to ``new`` only if it is ``expect`` (compare-and-set)."""
         ...
 
 
@@ -41,11 +50,11 @@ class LocalPlacement:
         held = self._map.setdefault(unit, (node, 1))
         return held[0]
 
-    async def move(self, unit: bytes, src: str, dst: str) -> bool:
+    async def swap(self, unit: bytes, expect: str, new: str) -> bool:
         cur = self._map.get(unit)
-        if cur is not None and cur[0] != src:
+        if cur is None or cur[0] != expect:
             return False
-        self._map[unit] = (dst, (cur[1] if cur else 0) + 1)
+        self._map[unit] = (new, cur[1] + 1)
         return True
 
 
@@ -97,23 +106,17 @@ class KVPlacement:
                 return node
             return cur[0]
 
-    async def move(self, unit: bytes, src: str, dst: str) -> bool:
+    async def swap(self, unit: bytes, expect: str, new: str) -> bool:
         from nats.js.errors import KeyWrongLastSequenceError
 
         cur = await self.get(unit)
-        if cur is None:
-            try:
-                await self.kv.create(kv_key(unit), dst.encode())
-                return True
-            except KeyWrongLastSequenceError:
-                return False
-        if cur[0] != src:
+        if cur is None or cur[0] != expect:
             return False
         try:
-            await self.kv.update(kv_key(unit), dst.encode(), last=cur[1])
+            await self.kv.update(kv_key(unit), new.encode(), last=cur[1])
             return True
         except KeyWrongLastSequenceError:
             return False
 
 
-__all__ = ["KVPlacement", "LocalPlacement", "Placement", "kv_key", "K"]
+__all__ = ["KVPlacement", "LocalPlacement", "Placement", "holder", "kv_key", "K"]

@@ -145,6 +145,8 @@ class Store:
                     if not k.startswith(pre):
                         break
                     e = _json(v, "a log record")
+                    if not isinstance(e, dict):
+                        raise StateError("StateError", f"a log record of {K.split_unit(u)} is not an object")
                     e["version"] = K.version_of(k)
                     out.append(e)
             return out

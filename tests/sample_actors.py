@@ -275,8 +275,29 @@ class Ordered(nalar.Agent):
         self.total -= 1
         return i
 
+    async def hold(self, i: int, seconds: float) -> int:
+        """Like step, but long: the turn must not pass on while it runs."""
+        s = nalar.session() or ""
+        self.now[s] = self.now.get(s, 0) + 1
+        self.peak[s] = max(self.peak.get(s, 0), self.now[s])
+        await asyncio.sleep(seconds)
+        nalar.managed_list("seen").append(i)
+        self.now[s] -= 1
+        return i
+
     async def seen(self) -> list[int]:
         return list(nalar.managed_list("seen"))
 
     async def peaks(self) -> dict[str, object]:
         return {"per_session": self.peak, "overall": self.total_peak}
+
+
+@nalar.hints(stateful=True)
+class SelfCaller(nalar.Agent):
+    me = nalar.stub("SelfCaller")
+
+    def outer(self) -> int:
+        return self.me.inner().result(30)
+
+    def inner(self) -> int:
+        return 1

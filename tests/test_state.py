@@ -307,6 +307,15 @@ def test_garbage_in_a_state_transfer_fails_the_move_and_the_node_keeps_serving(s
             await asyncio.sleep(0.05)
         await nc.close()
 
+    async def place_at_fake() -> None:  # as if "fake" held the unit
+        from nalar.state.placement import KVPlacement
+
+        nc = await nats.connect(nats_url)
+        p = await KVPlacement.open(nc, namespace)
+        assert await p.claim(K.unit("victim-session", "Counter"), "fake") == "fake"
+        await nc.close()
+
+    asyncio.run(place_at_fake())
     holder = threading.Thread(target=lambda: asyncio.run(fake_holder()), daemon=True)
     holder.start()
     assert ready.wait(30)
@@ -318,3 +327,73 @@ def test_garbage_in_a_state_transfer_fails_the_move_and_the_node_keeps_serving(s
         holder.join(30)
     assert client.stub("Counter").options(session="fine").incr().result(30) == 1  # still serving
     assert client.state_show("victim-session")["units"] == {}  # nothing was written
+
+
+def test_a_waiting_call_that_expires_does_not_pass_the_turn_on(start_node, client):
+    """Only the call holding a unit's turn may hand it to the next one."""
+    start_node("sample_actors:Ordered", name="turns")
+    o = client.stub("Ordered").options(session="T")
+    first = o.hold(1, 1.5)
+    doomed = o.options(timeout=0.4).hold(2, 0.0)  # waits its turn, and its deadline passes meanwhile
+    third = o.hold(3, 0.0)
+    with pytest.raises(nalar.DeadlineExceeded):
+        doomed.result(30)
+    assert first.result(30) == 1 and third.result(30) == 3
+    assert o.seen().result(30) == [1, 3]
+    assert o.peaks().result(30)["per_session"]["T"] == 1  # the third never ran beside the first
+
+
+def test_concurrent_moves_of_one_unit_leave_one_lineage(start_node, client):
+    import concurrent.futures
+
+    for n in ("ha", "hb", "hc"):
+        start_node("sample_actors:Counter", name=n)
+    c = client.stub("Counter").options(session="one")
+    assert c.incr().result(30) == 1
+    holder = client.state_show("one")["nodes"]["Counter"]
+    others = [n for n in ("ha", "hb", "hc") if n != holder]
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        outcomes = list(ex.map(lambda dst: _try(lambda: client.migrate("one", holder, dst)), others))
+    assert sum(1 for o in outcomes if not isinstance(o, Exception)) <= 1  # at most one move wins
+    values = [c.incr().result(30) for _ in range(12)]
+    assert values == list(range(2, 14))  # one lineage: no counter goes back
+
+
+def _try(fn):
+    try:
+        return fn()
+    except Exception as e:  # the losing move's error is the expected outcome
+        return e
+
+
+def test_a_forged_export_done_does_not_drop_the_holders_copy(start_node, client, nats_url, namespace):
+    import asyncio
+
+    import nats
+
+    start_node("sample_actors:Counter", name="keeper")
+    c = client.stub("Counter").options(session="kept")
+    assert c.incr().result(30) == 1
+
+    async def forge() -> None:
+        nc = await nats.connect(nats_url)
+        await nc.publish(f"nalar.{namespace}.node.keeper", orjson.dumps(
+            {"op": "export_done", "session": "kept", "actor": "Counter", "ok": True}))
+        await nc.flush()
+        await nc.close()
+
+    asyncio.run(forge())
+    assert c.incr().result(30) == 2
+
+
+def test_an_overlong_session_for_state_is_a_clear_error(start_node, client):
+    start_node("sample_actors:Counter")
+    with pytest.raises(nalar.RemoteError, match="session id for state"):
+        client.stub("Counter").options(session="é" * 200).incr().result(30)
+    assert client.stub("Counter").options(session="short").incr().result(30) == 1
+
+
+def test_a_stateful_call_into_its_own_session_fails_fast(start_node, client):
+    start_node("sample_actors:SelfCaller")
+    with pytest.raises(nalar.RemoteError, match="would wait for itself"):
+        client.stub("SelfCaller").options(session="me", timeout=60).outer().result(20)
