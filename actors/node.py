@@ -168,7 +168,6 @@ class Node:
         self.boot = secrets.token_hex(6)  # this incarnation: a restart under the same name is another node
         self.groups: dict[str, ActorGroup] = {}
         self.active: dict[str, Call] = {}
-        self._specs = actors
         self._subs: list[Any] = []
         self._call_subs: list[Any] = []
         self._idle = asyncio.Event()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from ..bus import envelope as env
 from ..bus.errors import MalformedMessage, StateError
@@ -341,5 +341,3 @@ def _settle(fut: "asyncio.Future[Any]", out: Any) -> None:
 def _ignore(_: Any) -> None:
     pass
 
-
-Done = Callable[[Any], None]
