@@ -6,8 +6,10 @@ future id and the next attempt number, when for ``attempt_timeout`` seconds the 
 acknowledged nor held by a node whose heartbeat is fresh. Committed futures are recognised by id, so
 a re-sent call changes session state at most once: at-least-once execution, exactly-once effect.
 
-Application exceptions are not retried unless ``retry_errors`` is set. ``NoResponders`` on the first
-attempt is a clear ``UnknownActor``; on a later one (the node is restarting) it is retried.
+Application exceptions are not retried unless ``retry_errors`` is set. NATS's "no responders" answer
+(no node subscribes to the actor) is looked at again after the back-off, since a node may be
+reconnecting or restarting; when the attempts are spent it is a clear ``UnknownActor`` (with the
+default policy, after about 0.75 s; at once with ``NO_RETRY``).
 """
 from __future__ import annotations
 

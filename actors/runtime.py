@@ -376,8 +376,8 @@ class Runtime:
             return
         r = fut._retry
         if not data and headers and headers.get(STATUS_HEADER) == NO_RESPONDERS:
-            if r is not None and r.attempt > 0 and self._retry_later(fut, token):
-                return  # its node died and none serves it yet: try again after a back-off
+            if r is not None and self._retry_later(fut, token):
+                return  # none serves it right now (a node reconnecting or restarting?): look again shortly
             self._disarm(fut)
             fut._finish(FAILED, UnknownActor(
                 "UnknownActor", f"no node serves actor {fut.actor!r} in namespace {self.subjects.ns!r}",

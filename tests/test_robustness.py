@@ -163,7 +163,7 @@ def test_cancelled_and_failed_calls_leave_nothing_armed(start_node, client):
 def test_a_cancelled_sync_call_cannot_start_new_work(start_node, client):
     start_node("sample_actors:Late", "sample_actors:Gate", name="late")
     late, gate = client.stub("Late"), client.stub("Gate")
-    f = late.slow_then_call(1.0)
+    f = late.slow_then_call(3.0)  # long enough to be cancelled mid-run even on a loaded machine
     wait_for(lambda: [s for s in client.status() if s["node"] == "late"][0]["actors"]["Late"]["running"] == 1,
              what="the slow call to be running")
     assert f.cancel()
