@@ -93,6 +93,19 @@ def test_embedded_server_has_jetstream_and_stops(tmp_path):
         os.kill(pid, 0)
 
 
+def _refused_then_connects(url: str, monkeypatch, env_vars: dict, match: str | None = None) -> None:
+    """Without the credentials the connect is refused clearly; with them (from the env) it works."""
+    with pytest.raises(nalar.BusError, match=match):
+        nalar.connect(url, "auth")
+    for k, v in env_vars.items():
+        monkeypatch.setenv(k, v)
+    c = nalar.connect(url, "auth")
+    try:
+        assert c.status(timeout=0.3) == []  # connected; no nodes in this namespace
+    finally:
+        c.close()
+
+
 @pytest.mark.parametrize("conf,env_vars", [
     ('authorization { token: "s3cret" }', {"NALAR_NATS_TOKEN": "s3cret"}),
     ('authorization { user: "ada", password: "lovelace" }', {"NALAR_NATS_USER": "ada", "NALAR_NATS_PASSWORD": "lovelace"}),
@@ -101,15 +114,7 @@ def test_auth_options_pass_through(tmp_path, monkeypatch, conf, env_vars):
     server = EmbeddedNats(data_dir=str(tmp_path / "d"), jetstream=False, extra_config=conf)
     url = server.start()
     try:
-        with pytest.raises(nalar.BusError, match="cannot connect"):
-            nalar.connect(url, "auth")  # no credentials: refused, clearly
-        for k, v in env_vars.items():
-            monkeypatch.setenv(k, v)
-        c = nalar.connect(url, "auth")
-        try:
-            assert c.status(timeout=0.3) == []  # connected; no nodes in this namespace
-        finally:
-            c.close()
+        _refused_then_connects(url, monkeypatch, env_vars, match="cannot connect")
     finally:
         server.stop()
 
@@ -127,15 +132,8 @@ def test_tls_options_pass_through(tmp_path, monkeypatch):
     conf = f'tls {{ cert_file: "{cert}", key_file: "{key}" }}'
     server = EmbeddedNats(data_dir=str(tmp_path / "d"), jetstream=False, extra_config=conf)
     url = server.start().replace("nats://", "tls://")
-    try:
-        with pytest.raises(nalar.BusError, match="CERTIFICATE_VERIFY_FAILED"):
-            nalar.connect(url, "tls")  # the self-signed certificate is not trusted yet
-        monkeypatch.setenv("NALAR_NATS_TLS_CA", str(cert))
-        c = nalar.connect(url, "tls")
-        try:
-            assert c.status(timeout=0.3) == []
-        finally:
-            c.close()
+    try:  # the self-signed certificate is not trusted until NALAR_NATS_TLS_CA names it
+        _refused_then_connects(url, monkeypatch, {"NALAR_NATS_TLS_CA": str(cert)}, match="CERTIFICATE_VERIFY_FAILED")
     finally:
         server.stop()
 
@@ -153,13 +151,6 @@ def test_nkey_auth_passes_through(tmp_path, monkeypatch):
     server = EmbeddedNats(data_dir=str(tmp_path / "d"), jetstream=False, extra_config=conf)
     url = server.start()
     try:
-        with pytest.raises(nalar.BusError):
-            nalar.connect(url, "nk")
-        monkeypatch.setenv("NALAR_NATS_NKEY", str(seed_file))
-        c = nalar.connect(url, "nk")
-        try:
-            assert c.status(timeout=0.3) == []
-        finally:
-            c.close()
+        _refused_then_connects(url, monkeypatch, {"NALAR_NATS_NKEY": str(seed_file)})
     finally:
         server.stop()
