@@ -1,9 +1,11 @@
 """The node runtime: a process that hosts actor instances and serves their calls from the bus.
 
 A node subscribes to ``call.<actor>`` in queue group ``<actor>`` for each actor it hosts, so any
-number of nodes share one actor type's load. Inside the node, calls wait in the actor's queue and are
-bound to an instance only when one has room (late binding): a sync instance (a pykka actor, its own
-thread) runs one call at a time; an instance with ``async def`` methods runs up to
+number of nodes share one actor type's load, and to ``call.<actor>.<node>`` for calls routed to it.
+Inside the node, the local controller (this file and ``controller.py``) keeps calls in priority
+queues: one per actor for calls any instance may take, one per instance for calls routed to it. A
+call is bound to an instance only when one has room (late binding): a sync instance (a pykka actor,
+its own thread) runs one call at a time; an instance with ``async def`` methods runs up to
 ``max_concurrency`` calls on the node's event loop.
 """
 from __future__ import annotations
@@ -15,8 +17,9 @@ import secrets
 import socket
 import time
 import traceback
-from collections import deque
+from collections import OrderedDict, deque
 from functools import partial
+from heapq import heappop, heappush
 from typing import Any
 
 import logging
@@ -31,6 +34,7 @@ from ..state import keys as state_keys
 from ..state.managed import Txn, current_txn
 from .base import Actor, actor_name, public_methods
 from .context import current_call
+from .controller import Controller
 from .deadlines import DeadlineWheel
 from .future import Future
 from .hints import Hints, hints_of
@@ -49,7 +53,7 @@ class Call(env.CallMessage):
     """A call accepted by this node: the wire fields plus where and how it runs."""
 
     __slots__ = ("group", "inst", "task", "children", "span", "qspan", "otel_ctx", "done", "wk",
-                 "unit", "txn", "committing", "conflicts", "also")
+                 "unit", "txn", "committing", "conflicts", "also", "qe", "pin", "t0")
 
     group: "ActorGroup"
 
@@ -67,10 +71,14 @@ class Call(env.CallMessage):
         self.committing = False
         self.conflicts = 0
         self.also: list[str] | None = None  # reply subjects of retries that found it running
+        self.qe: list[Any] | None = None  # its live entry in a queue: [-priority, seq, call]
+        self.pin: Instance | None = None  # the instance whose own queue holds it
+        self.t0 = 0.0  # when it arrived (monotonic): queue waits and latencies
 
 
 class Instance:
-    __slots__ = ("id", "group", "obj", "host", "running", "sync_running", "limit", "handled")
+    __slots__ = ("id", "group", "obj", "host", "running", "sync_running", "limit", "handled", "heap",
+                 "queued", "weight", "draining")
 
     def __init__(self, id: str, group: "ActorGroup", obj: Actor, limit: int | None) -> None:
         self.id = id
@@ -81,9 +89,13 @@ class Instance:
         self.sync_running = 0  # a def method holds the instance's one thread
         self.limit = limit
         self.handled = 0
+        self.heap: list[list[Any]] = []  # calls routed to this instance
+        self.queued = 0
+        self.weight = 1.0  # its share of the actor's unrouted calls (policy ``route(actor, ...)``)
+        self.draining = False  # killed: takes no more calls, stops when its running ones end
 
     def has_room(self, is_async: bool) -> bool:
-        if self.limit is not None and self.running >= self.limit:
+        if self.draining or (self.limit is not None and self.running >= self.limit):
             return False
         return is_async or self.sync_running == 0
 
@@ -99,9 +111,18 @@ class ActorGroup:
         self.has_async = any(self.methods.values())
         self.has_sync = not all(self.methods.values())
         self.instances: list[Instance] = []
-        self.queue: deque[Call] = deque()
+        self.heap: list[list[Any]] = []  # calls any instance may take: [-priority, seq, call]
+        self.queued = 0  # live calls queued here, in ``heap`` and in the instances' own queues
+        self.shared = 0  # of which in ``heap``
         self.done = 0
         self.failed = 0
+        self.next_index = 0
+        self.provisioning = 0
+        self.lat_ms = 0.0  # moving averages: run time, and queue wait
+        self.wait_ms = 0.0
+        self.kind_model = getattr(cls, "kind", "") == "model"
+        self.recent: OrderedDict[str, str] = OrderedDict()  # session -> instance that last served it
+        self.fresh: list[tuple[str, str]] = []  # (session, instance) pairs new since the last metrics
 
 
 class _Host(pykka.ThreadingActor):
@@ -155,7 +176,7 @@ def _err(kind: str, type_: str, message: str, c: Call) -> dict[str, Any]:
             "method": getattr(c, "method", ""), "traceback": "", "chain": [], "future_id": c.id}
 
 
-class Node:
+class Node(Controller):
     """Hosts instances of the given actor classes and serves them over the runtime's bus."""
 
     def __init__(self, runtime: Runtime, actors: list[tuple[type, int | None]], name: str | None = None,
@@ -170,13 +191,19 @@ class Node:
         self.active: dict[str, Call] = {}
         self._subs: list[Any] = []
         self._call_subs: list[Any] = []
+        self._group_subs: dict[str, list[Any]] = {}
         self._idle = asyncio.Event()
         self._wheel = DeadlineWheel(self._expire)
         # (arrival, id) of calls whose callers may retry; ids, not calls, so answered calls die at once
         self._acks: deque[tuple[float, str]] = deque()
         self._ticker: asyncio.Task[None] | None = None
         self.started = time.time()
-        self.counters = {"received": 0, "done": 0, "failed": 0, "cancelled": 0, "expired": 0, "rejected": 0}
+        self.counters = {"received": 0, "done": 0, "failed": 0, "cancelled": 0, "expired": 0, "rejected": 0,
+                         "forwarded": 0}
+        self._seq = 0
+        self.sched_ns = 0  # time the local controller spent placing calls (admission to bind or queue)
+        self.sched_calls = 0
+        Controller.__init__(self)
         for cls, count in actors:
             self._add_group(cls, count)
 
@@ -184,8 +211,7 @@ class Node:
         if not (isinstance(cls, type) and issubclass(cls, Actor)):
             raise TypeError(f"{cls!r} is not an actor class (subclass nalar.Agent, nalar.Tool or nalar.Model)")
         h = hints_of(cls)
-        n = h.min_instances if count is None else count
-        n = max(n, 1)
+        n = max(h.min_instances, 1) if count is None else count
         if h.max_instances is not None and n > h.max_instances:
             raise ValueError(f"{cls.__name__}: {n} instances asked for, but its max_instances hint is "
                              f"{h.max_instances}")
@@ -194,10 +220,16 @@ class Node:
             raise ValueError(f"actor {g.name!r} is listed twice")
         if not g.methods:
             raise ValueError(f"{cls.__name__} has no public methods to serve")
-        limit = h.concurrency_for(g.has_async)
-        for i in range(n):
-            g.instances.append(Instance(f"{g.name}-{self.name}-{i}", g, cls(), limit))
+        for _ in range(n):
+            g.instances.append(self._new_instance(g))
         self.groups[g.name] = g
+        for inst in g.instances:
+            self._instances[inst.id] = inst
+
+    def _new_instance(self, g: ActorGroup) -> Instance:
+        i = g.next_index
+        g.next_index += 1
+        return Instance(f"{g.name}-{self.name}-{i}", g, g.cls(), g.hints.concurrency_for(g.has_async))
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -224,13 +256,36 @@ class Node:
                     inst.host = _Host.start(self, inst)
         sub = rt.transport.subscribe
         for g in self.groups.values():
-            s = await sub(rt.subjects.call(g.name), partial(self._on_call, g), queue=g.name)
-            self._call_subs.append(s)
+            if g.instances:
+                await self._serve(g)
         self._subs.append(await sub(rt.subjects.cancel, self._on_cancel))
         self._subs.append(await sub(rt.subjects.status, self._on_status))
         self._subs.append(await sub(rt.subjects.node(self.name), self._on_control))
+        self._subs.append(await sub(rt.subjects.metrics, self._on_metrics))
+        rt.on_decisions = self._on_decisions
+        if rt.table.version:  # decisions loaded before we were listening for them
+            self._on_decisions(rt.table.snapshot_ops(), "")
         await rt.transport.flush()
         self._ticker = loop.create_task(self._tick())
+
+    async def _serve(self, g: ActorGroup) -> None:
+        """Take ``g``'s calls: as one of its queue group, and those routed to this node."""
+        if g.name in self._group_subs:
+            return
+        rt = self.rt
+        subs = [await rt.transport.subscribe(rt.subjects.call(g.name), partial(self._on_call, g, False), queue=g.name),
+                await rt.transport.subscribe(rt.subjects.call_at(g.name, self.name), partial(self._on_call, g, True))]
+        self._group_subs[g.name] = subs
+        self._call_subs.extend(subs)
+
+    async def _unserve(self, g: ActorGroup) -> None:
+        for s in self._group_subs.pop(g.name, []):
+            if s in self._call_subs:
+                self._call_subs.remove(s)
+            try:
+                await s.unsubscribe()
+            except Exception:
+                pass
 
     async def _tick(self) -> None:
         """Heartbeat every second; acknowledge calls held for a second to callers that may retry."""
@@ -256,8 +311,8 @@ class Node:
 
     def subscriptions(self) -> list[str]:
         s = self.rt.subjects
-        return ([s.call(g) for g in self.groups] + [s.cancel, s.status, s.node(self.name)]
-                + self.rt.subscriptions())
+        return ([s.call(g) for g in self.groups] + [s.call_at(g, self.name) for g in self.groups]
+                + [s.cancel, s.status, s.node(self.name), s.metrics] + self.rt.subscriptions())
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop taking calls, let running ones finish for up to ``grace`` seconds, then stop instances."""
@@ -276,7 +331,7 @@ class Node:
         for c in list(self.active.values()):  # still running after the grace period: answer them
             self._abort(c, "cancelled", "Cancelled", f"node {self.name} is stopping")
         for g in self.groups.values():
-            for q in list(g.queue):
+            for q in self._queued_calls(g):
                 self._abort(q, "cancelled", "Cancelled", f"node {self.name} is stopping")
         self._wheel.stop()
         stopping = []
@@ -307,7 +362,9 @@ class Node:
         await self.rt.close()
 
     # -- serving calls ----------------------------------------------------------------------------
-    def _on_call(self, g: ActorGroup, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+    def _on_call(self, g: ActorGroup, direct: bool, subject: str, reply: str, data: bytes,
+                 headers: dict[str, str] | None) -> None:
+        t0 = time.perf_counter_ns()
         try:
             c = env.decode_call(data, headers, reply, Call)
         except MalformedMessage as e:
@@ -330,22 +387,33 @@ class Node:
                 prefix, _, token = c.reply.rpartition(".")
                 self.rt.send(prefix + ".ack", env.dumps({"node": self.name, "boot": self.boot, "ids": [token]}))
             return
+        if self.rt.table.active and c.fwd is None:  # routed elsewhere (a caller with older decisions)?
+            dest = self._elsewhere(g, c, direct)
+            if dest is not None and headers is not None:
+                hdrs = dict(headers)
+                hdrs[env.H_FWD] = self.name
+                if self._fits(data, hdrs):
+                    self.counters["forwarded"] += 1
+                    self.rt.send(self.rt.subjects.call_at(g.name, dest), data, hdrs, reply)
+                    return
         now = time.time()
         if not c.deadline:  # nothing waits forever: a call without a deadline gets the default
             c.deadline = now + self.rt.default_timeout
         elif c.deadline <= now:
             self._reject(c, "deadline", "DeadlineExceeded", "the call's deadline passed before it arrived")
             return
-        if len(g.queue) >= self.max_queue:
+        if g.queued >= self.max_queue:
             self._reject(c, "overloaded", "Overloaded",
-                         f"actor {g.name!r} on node {self.name} has {len(g.queue)} calls queued (max {self.max_queue})")
+                         f"actor {g.name!r} on node {self.name} has {g.queued} calls queued (max {self.max_queue}); "
+                         "add instances or nodes, or slow the callers down")
             return
         if tracing.TRACER is not None:
             self._trace_receive(c)
+        c.t0 = time.monotonic()
         self.active[c.id] = c
         c.wk = self._wheel.add(c.deadline, c)
         if c.attempt >= 0 and c.reply:
-            self._acks.append((time.monotonic(), c.id))
+            self._acks.append((c.t0, c.id))
         if c.session and g.hints.stateful and self.sessions is not None:
             try:
                 c.unit = state_keys.unit(c.session, g.name)
@@ -353,17 +421,83 @@ class Node:
                 self._fail_call(c, "bad_request", "BadRequest", str(e))
                 return
             self.sessions.admit(c)  # runs it when its state is here and its turn comes
-            return
-        self._enqueue(c)
+        else:
+            self._enqueue(c)
+        self.sched_ns += time.perf_counter_ns() - t0
+        self.sched_calls += 1
+
+    def _fits(self, data: bytes, headers: dict[str, str]) -> bool:
+        limit = self.rt.transport.max_payload
+        return not limit or len(data) + env.header_size(headers) + env.HEADER_ALLOWANCE <= limit
 
     def _enqueue(self, c: Call) -> None:
-        """Bind to an instance now if one has room, else wait in the actor's queue."""
+        """Bind to an instance now if one has room (and no call waits before it), else queue it.
+
+        A session routed to an instance of this node waits in that instance's own queue; others wait
+        in the actor's queue, which every instance takes from. Both are ordered by priority, then
+        arrival.
+        """
         g = c.group
-        inst = self._pick(g, g.methods[c.method]) if not g.queue else None
-        if inst is None:
-            g.queue.append(c)
+        is_async = g.methods[c.method]
+        table = self.rt.table
+        inst: Instance | None = None
+        if table.active and c.session is not None:
+            iid, hard = table.instance_for(g.name, c.session)
+            if iid is not None:
+                inst = self._instances.get(iid)
+                if inst is not None and (inst.draining or inst.group is not g):
+                    inst = None
+                if inst is not None and not hard:  # cache affinity: only while it has room
+                    if inst.queued == 0 and inst.has_room(is_async):
+                        self._dispatch(inst, c)
+                        return
+                    inst = None
+        if inst is not None:
+            if inst.queued == 0 and inst.has_room(is_async):
+                self._dispatch(inst, c)
+            else:
+                self._push(c, inst)
+            return
+        free = self._pick(g, is_async) if not g.shared else None
+        if free is None:
+            self._push(c, None)
         else:
-            self._dispatch(inst, c)
+            self._dispatch(free, c)
+
+    def _push(self, c: Call, inst: Instance | None) -> None:
+        self._seq += 1
+        e = [-self.rt.table.priority(c.session, c.group.name, c.priority), self._seq, c]
+        c.qe = e
+        c.pin = inst
+        g = c.group
+        g.queued += 1
+        if inst is None:
+            g.shared += 1
+            heappush(g.heap, e)
+        else:
+            inst.queued += 1
+            heappush(inst.heap, e)
+
+    def _unqueue(self, c: Call) -> None:
+        """Take a queued call out of its queue (its heap entry dies in place and is skipped later)."""
+        e = c.qe
+        if e is None:
+            return
+        e[2] = None
+        c.qe = None
+        g = c.group
+        g.queued -= 1
+        if c.pin is None:
+            g.shared -= 1
+        else:
+            c.pin.queued -= 1
+            c.pin = None
+
+    def _queued_calls(self, g: ActorGroup) -> list[Call]:
+        out = [e[2] for e in g.heap if e[2] is not None]
+        for inst in g.instances:
+            out.extend(e[2] for e in inst.heap if e[2] is not None)
+        return out
 
     def _reject(self, c: Call, kind: str, type_: str, message: str) -> None:
         self.counters["rejected"] += 1
@@ -372,15 +506,20 @@ class Node:
 
     @staticmethod
     def _pick(g: ActorGroup, is_async: bool) -> Instance | None:
-        """The least busy instance with room for this kind of method (late binding: only now)."""
-        best = None
+        """The instance with room and the least work for its weight (late binding: only now)."""
+        best, best_load, fallback = None, 0.0, None
         for inst in g.instances:
             if inst.has_room(is_async):
-                if inst.running == 0:
+                w = inst.weight
+                if w <= 0:  # the policy steers work away from it: only if nothing else has room
+                    fallback = fallback or inst
+                    continue
+                if inst.running == 0 and w >= 1.0:
                     return inst
-                if best is None or inst.running < best.running:
-                    best = inst
-        return best
+                load = inst.running / w
+                if best is None or load < best_load:
+                    best, best_load = inst, load
+        return best or fallback
 
     def _dispatch(self, inst: Instance, c: Call) -> None:
         c.inst = inst
@@ -390,7 +529,18 @@ class Node:
         if c.qspan is not None:
             c.qspan.end()
             c.qspan = None
-        if inst.group.methods[c.method]:
+        g = inst.group
+        if c.t0:
+            g.wait_ms += ((time.monotonic() - c.t0) * 1000 - g.wait_ms) * 0.05
+        if c.session is not None and g.kind_model:
+            r = g.recent
+            if r.get(c.session) != inst.id and len(g.fresh) < 512:
+                g.fresh.append((c.session, inst.id))
+            r[c.session] = inst.id
+            r.move_to_end(c.session)
+            if len(r) > 4096:
+                r.popitem(last=False)
+        if g.methods[c.method]:
             c.task = asyncio.get_running_loop().create_task(self._run_async(inst, c))
             return
         inst.sync_running += 1
@@ -402,18 +552,45 @@ class Node:
             inst.host = _Host.start(self, inst)
             inst.host.tell(c)
 
-    def _pump(self, g: ActorGroup) -> None:
-        q = g.queue
-        while q:
-            c = q[0]
-            if c.done:
-                q.popleft()
-                continue
-            inst = self._pick(g, g.methods[c.method])
-            if inst is None:
-                return
-            q.popleft()
+    def _pump(self, inst: Instance) -> None:
+        """``inst`` has room: give it the best call from its own queue or the actor's, while it has room."""
+        t0 = time.perf_counter_ns()
+        g = inst.group
+        own, shared, methods = inst.heap, g.heap, g.methods
+        n = 0
+        while True:
+            while own and own[0][2] is None:
+                heappop(own)
+            while shared and shared[0][2] is None:
+                heappop(shared)
+            if not own and not shared:
+                break
+            if own and (not shared or own[0][:2] < shared[0][:2]):
+                first, second = own, shared
+            else:
+                first, second = shared, own
+            heap = first
+            if not inst.has_room(methods[first[0][2].method]):
+                if not second or not inst.has_room(methods[second[0][2].method]):
+                    break
+                heap = second
+            c = heappop(heap)[2]
+            c.qe = None
+            g.queued -= 1
+            if c.pin is None:
+                g.shared -= 1
+            else:
+                inst.queued -= 1
+                c.pin = None
             self._dispatch(inst, c)
+            n += 1
+        if n:
+            self.sched_ns += time.perf_counter_ns() - t0
+
+    def _pump_all(self, g: ActorGroup) -> None:
+        for inst in g.instances:
+            if not inst.draining and (inst.queued or g.shared):
+                self._pump(inst)
 
     async def _run_async(self, inst: Instance, c: Call) -> None:
         current_call.set(c)
@@ -446,16 +623,22 @@ class Node:
 
     def _complete(self, inst: Instance, c: Call, ok: bool, value: Any) -> None:
         inst.running -= 1
-        if not inst.group.methods[c.method]:
+        g = inst.group
+        if not g.methods[c.method]:
             inst.sync_running -= 1
         inst.handled += 1
+        if c.t0:
+            g.lat_ms += ((time.monotonic() - c.t0) * 1000 - g.lat_ms) * 0.05
         if not c.done:
             if ok and isinstance(value, Future):
                 value.add_done_callback(partial(self._chained, c))
             else:
                 self._finish(c, ok, value)
-        if inst.group.queue:
-            self._pump(inst.group)
+        if inst.draining:
+            if inst.running == 0:
+                self._retire(inst)
+        elif inst.queued or g.shared:
+            self._pump(inst)
 
     def _chained(self, c: Call, f: Future[Any]) -> None:
         """The method returned a future: its value (or error) becomes this call's."""
@@ -534,6 +717,8 @@ class Node:
         else:
             self.counters["failed"] += 1
             g.failed += 1
+            if c.session is not None:
+                self._note_failure(c.session)
         headers = {env.H_ID: c.id}
         if c.reply:
             self.rt.send(c.reply, data, headers)
@@ -551,10 +736,7 @@ class Node:
         if c.done or c.committing:  # a commit under way finishes (quickly) and is answered
             return
         if c.inst is None:
-            try:
-                c.group.queue.remove(c)
-            except ValueError:
-                pass
+            self._unqueue(c)
         elif c.task is not None:
             c.task.cancel()
         children = c.children
@@ -595,11 +777,12 @@ class Node:
                 "class": f"{g.cls.__module__}:{g.cls.__qualname__}",
                 "hints": g.hints.to_dict(),
                 "methods": sorted(g.methods),
-                "queued": len(g.queue),
+                "queued": g.queued,
                 "running": sum(i.running for i in g.instances),
                 "done": g.done,
                 "failed": g.failed,
-                "instances": [{"id": i.id, "running": i.running, "limit": i.limit, "handled": i.handled}
+                "instances": [{"id": i.id, "running": i.running, "queued": i.queued, "limit": i.limit,
+                               "handled": i.handled, "weight": i.weight, "draining": i.draining}
                               for i in g.instances],
             }
         return {
@@ -610,6 +793,7 @@ class Node:
             "counters": dict(self.counters, **self.rt.counters), "malformed": dict(self.rt.malformed),
             "subjects": self.subscriptions(), "tracing": tracing.TRACER is not None,
             "state": self._state_status(),
+            "decisions": self.rt.table.summary(), "control": self.control_status(),
         }
 
     def _state_status(self) -> dict[str, Any] | None:

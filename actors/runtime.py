@@ -25,6 +25,7 @@ from ..bus.subjects import Subjects
 from ..bus.transport import NO_RESPONDERS, STATUS_HEADER, Transport
 from .context import current_call
 from .deadlines import DeadlineWheel
+from .decisions import DecisionTable
 from .future import _LOCK, DONE, FAILED, LOOP_THREADS, PENDING, Future
 from .retry import DEFAULT_RETRY, RetryPolicy
 
@@ -121,6 +122,10 @@ class Runtime:
         self.counters: dict[str, int] = {"calls": 0, "late_replies": 0}
         self.malformed: dict[str, int] = {}
         self.closed = False
+        self.table = DecisionTable()  # the policy actor's decisions in force here
+        #: Called with each applied batch's ops and its reply subject (a node enforces them locally).
+        self.on_decisions: Callable[[list[Any], str], None] | None = None
+        self._reloading = False
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -130,7 +135,9 @@ class Runtime:
         tracing.configure(self.name)
         self._subs.append(await self.transport.subscribe(self._reply_prefix + "*", self._on_reply))
         self._subs.append(await self.transport.subscribe(self.subjects.heartbeat("*"), self._on_heartbeat))
+        self._subs.append(await self.transport.subscribe(self.subjects.policy, self._on_policy))
         await self.transport.flush()
+        await self.load_decisions()
 
     async def close(self) -> None:
         if self.closed:
@@ -146,7 +153,68 @@ class Runtime:
         LOOP_THREADS.discard(self.loop_thread)
 
     def subscriptions(self) -> list[str]:
-        return [self._reply_prefix + "*", self.subjects.heartbeat("*")]
+        return [self._reply_prefix + "*", self.subjects.heartbeat("*"), self.subjects.policy]
+
+    # -- decisions ---------------------------------------------------------------------------------
+    async def load_decisions(self) -> None:
+        """Take the decisions in force from the policy actor's snapshot (none yet, or no JetStream: none)."""
+        nc = getattr(self.transport, "nc", None)
+        if nc is None:
+            return
+        from ..bus import kv as bkv
+
+        try:
+            kv = await asyncio.wait_for(bkv.open_bucket(nc, bkv.policy_bucket(self.subjects.ns), "policy decisions"), 5)
+            got = await asyncio.wait_for(bkv.get(kv, bkv.POLICY_KEY), 5)
+        except Exception as e:  # serving goes on without decisions; the next broadcast brings them
+            log.warning("could not read the policy's decisions: %r", e)
+            return
+        if got is None:
+            return
+        try:
+            msg = env.decode_json_object(got[0], "policy snapshot")
+            if isinstance(msg.get("v"), int) and msg["v"] > self.table.version:
+                ops = self.table.apply(dict(msg, full=True))
+                if ops and self.on_decisions is not None:
+                    self.on_decisions(ops, "")
+        except MalformedMessage as e:
+            self.count_malformed("policy")
+            log.warning("ignoring a malformed policy snapshot: %s", e)
+
+    def _on_policy(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        try:
+            msg = env.decode_json_object(data, "decisions")
+            ops = self.table.apply(msg)
+        except MalformedMessage as e:
+            self.count_malformed("policy")
+            log.warning("ignoring a malformed decision batch: %s", e)
+            return
+        if ops is None:
+            if msg["v"] > self.table.version and not self._reloading:  # we missed one: take the snapshot
+                self._reloading = True
+                asyncio.get_running_loop().create_task(self._reload(reply))
+            elif reply and self.on_decisions is not None:  # already applied: say so again (idempotent)
+                self.on_decisions([], reply)
+            return
+        if self.on_decisions is not None:
+            self.on_decisions(ops, reply)
+
+    async def _reload(self, reply: str) -> None:
+        try:
+            await self.load_decisions()
+        finally:
+            self._reloading = False
+        if reply and self.on_decisions is not None:
+            self.on_decisions([], reply)
+
+    def route(self, actor: str, session: str | None) -> str:
+        """The subject a call goes to: its routed node's own subject, else the actor's queue group."""
+        t = self.table
+        if t.active:
+            node = t.node_for(actor, session)
+            if node is not None:
+                return self.subjects.call_at(actor, node)
+        return self.subjects.call(actor)
 
     # -- thread hand-off -------------------------------------------------------------------------
     def on_loop(self) -> bool:
@@ -236,6 +304,7 @@ class Runtime:
                 parent.children = [fut]
             else:
                 parent.children.append(fut)
+            headers[env.H_STAGE] = str(parent.stage + len(parent.children))
         headers[env.H_DEADLINE] = f"{deadline:.3f}"
         if parent is not None and parent.unit and actor == parent.group.name and session == parent.session:
             fut._finish(FAILED, BadRequest(
@@ -262,7 +331,7 @@ class Runtime:
         if tracing.TRACER is not None:
             self._trace_call(fut, parent, headers)
         self.counters["calls"] += 1
-        subject = self.subjects.call(actor)
+        subject = self.route(actor, session if isinstance(session, str) else None)
         reply = self._reply_prefix + token
         self.pending[token] = fut
         if self.closed:  # closed while we were building it
@@ -376,6 +445,9 @@ class Runtime:
             return
         r = fut._retry
         if not data and headers and headers.get(STATUS_HEADER) == NO_RESPONDERS:
+            if r is not None and r.subject != self.subjects.call(fut.actor):  # its routed node is gone
+                r.subject = self.subjects.call(fut.actor)
+                r.attempt -= 1  # not the executor's fault: this does not use up an attempt
             if r is not None and self._retry_later(fut, token):
                 return  # none serves it right now (a node reconnecting or restarting?): look again shortly
             self._disarm(fut)
@@ -469,6 +541,8 @@ class Runtime:
         if fut._state != PENDING or r is None or self.closed:
             return
         data = env.encode_call(fut.method, r.args, r.kwargs or {}, _DepEncoder())  # it encoded once: it will again
+        if r.subject.count(".") > self.subjects.prefix.count(".") + 1:  # routed: the route may have moved
+            r.subject = self.route(fut.actor, r.headers.get(env.H_SESSION))
         self._send_call(fut, r.subject, data, r.headers, r.reply)
 
     def _expire(self, fut: Future[Any]) -> None:

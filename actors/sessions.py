@@ -139,6 +139,29 @@ class Sessions:
         if ev is not None:
             ev.set()
 
+    def withdraw(self, u: bytes) -> list["Call"]:
+        """Take out every call of ``u`` that has not started here (to send them elsewhere), in order."""
+        out: list["Call"] = []
+        owner = self.owner.get(u)
+        if owner is not None:
+            line = self.busy.get(u, [])
+            if owner.inst is None and not owner.committing:  # its turn came but it is still queued
+                out.append(owner)
+                del self.owner[u]
+                self.busy.pop(u, None)
+                ev = self._idle.pop(u, None)
+                if ev is not None:
+                    ev.set()
+            out.extend(line)
+            line.clear()
+        out.extend(self._acquiring.get(u, []))
+        self._acquiring.get(u, []).clear()
+        parked = self.moving.get(u)
+        if parked:
+            out.extend(parked)
+            parked.clear()
+        return [c for c in out if not c.done]
+
     # -- holding a unit: placement decides, never the mere presence of data ----------------------
     async def bring_here(self, u: bytes, expect_src: str | None = None) -> int:
         """Make this node the unit's holder: claim it if new, or pull it from its holder."""
@@ -244,9 +267,9 @@ class Sessions:
                 self.exported += 1
             self._confirm.pop(u, None)
             self.moving.pop(u, None)
-            for c in parked:  # they re-enter: here if the move failed, else they pull from the new holder
+            for c in parked:  # they re-enter: here if the move failed, else they follow their route
                 if not c.done:
-                    self.admit(c)
+                    self.node._readmit(c)
 
     def confirmed(self, u: bytes, ok: bool) -> None:
         f = self._confirm.get(u)

@@ -27,6 +27,8 @@ H_DEADLINE = "Nalar-Deadline"
 H_PRIORITY = "Nalar-Priority"
 H_ATTEMPT = "Nalar-Attempt"
 H_TRACEPARENT = "traceparent"
+H_STAGE = "Nalar-Stage"  # how many calls its request made before it (SRTF-like policies)
+H_FWD = "Nalar-Fwd"  # the node that forwarded it (a call is forwarded at most once)
 
 MAX_ID_LEN = 128
 MAX_SESSION_LEN = 256
@@ -156,7 +158,7 @@ class CallMessage:
     """A validated incoming call. The node extends it with its own bookkeeping fields."""
 
     __slots__ = ("id", "request", "session", "parent", "deadline", "priority", "attempt",
-                 "traceparent", "method", "args", "kwargs", "reply")
+                 "traceparent", "method", "args", "kwargs", "reply", "stage", "fwd")
 
     id: str
     request: str
@@ -165,6 +167,8 @@ class CallMessage:
     deadline: float
     priority: int
     attempt: int
+    stage: int
+    fwd: str | None
     traceparent: str | None
     method: str
     args: list[Any]
@@ -210,6 +214,7 @@ def decode_call(data: bytes, headers: dict[str, str] | None, reply: str, cls: ty
     c.session = headers.get(H_SESSION)
     c.parent = headers.get(H_PARENT)
     c.traceparent = headers.get(H_TRACEPARENT)
+    c.fwd = headers.get(H_FWD)
     try:
         d = headers.get(H_DEADLINE)
         c.deadline = float(d) if d else 0.0
@@ -217,8 +222,10 @@ def decode_call(data: bytes, headers: dict[str, str] | None, reply: str, cls: ty
         c.priority = int(p) if p else 0
         a = headers.get(H_ATTEMPT)
         c.attempt = int(a) if a else -1  # -1: the caller does not retry (so it wants no acks)
+        st = headers.get(H_STAGE)
+        c.stage = int(st) if st else 0
     except ValueError:
-        raise MalformedMessage("call has a non-numeric deadline, priority or attempt header") from None
+        raise MalformedMessage("call has a non-numeric deadline, priority, attempt or stage header") from None
     if not math.isfinite(c.deadline) or c.deadline < 0:
         raise MalformedMessage("call has a deadline that is not a finite Unix time")
     c.method = method

@@ -5,14 +5,16 @@ subject                         who listens                              what tr
 ==============================  =======================================  ==========================
 ``nalar.<ns>.call.<actor>``     every node hosting ``actor`` (queue      a call (envelope below)
                                 group ``<actor>``: one node gets it)
+``nalar.<ns>.call.<actor>.<n>`` node ``n`` only (routed calls)           a call
 ``nalar.<ns>.r.<proc>.<n>``     the process that made future ``n``       the reply to that call
 ``nalar.<ns>.r.<proc>.ack``     that process                             "node X holds calls [n...]"
 ``nalar.<ns>.cancel``           every node                               ids of cancelled futures
 ``nalar.<ns>.status``           every node (scatter/gather)              a node's status as JSON
 ``nalar.<ns>.node.<node>``      one node                                 control requests
 ``nalar.<ns>.hb.<node>``        every process (to spot dead executors)   a node's heartbeat, 1/s
-``nalar.<ns>.policy``           reserved for the policy actor            decisions (issue 4)
-``nalar.<ns>.metrics.<node>``   reserved for the policy actor            metrics (issue 4)
+``nalar.<ns>.policy``           every process (nodes reply "applied")    versioned decision batches
+``nalar.<ns>.metrics``          every node (scatter/gather)              a node's compact metrics
+``nalar.<ns>.policy.status``    the policy actor                         its rounds and decisions
 ==============================  =======================================  ==========================
 """
 from __future__ import annotations
@@ -41,6 +43,10 @@ class Subjects:
     def call(self, actor: str) -> str:
         return f"{self.prefix}call.{actor}"
 
+    def call_at(self, actor: str, node: str) -> str:
+        """One node's own subject for ``actor``: where routed calls go."""
+        return f"{self.prefix}call.{actor}.{node}"
+
     def reply_prefix(self, proc: str) -> str:
         return f"{self.prefix}r.{proc}."
 
@@ -62,8 +68,13 @@ class Subjects:
     def policy(self) -> str:
         return f"{self.prefix}policy"
 
-    def metrics(self, node: str) -> str:
-        return f"{self.prefix}metrics.{node}"
+    @property
+    def metrics(self) -> str:
+        return f"{self.prefix}metrics"
+
+    @property
+    def policy_status(self) -> str:
+        return f"{self.prefix}policy.status"
 
     def inbox(self, proc: str, name: str) -> str:
         return f"{self.prefix}inbox.{proc}.{name}"

@@ -66,20 +66,13 @@ class KVPlacement:
 
     @classmethod
     async def open(cls, nc: Any, namespace: str) -> "KVPlacement":
-        from nats.js.errors import BucketNotFoundError
+        from ..bus import kv as bkv
+        from ..bus.errors import BusError
 
-        js = nc.jetstream()
-        bucket = f"nalar_{namespace}_placement"
         try:
-            kv = await js.key_value(bucket)
-        except BucketNotFoundError:
-            try:
-                kv = await js.create_key_value(bucket=bucket, history=1, description="nalar: unit -> node")
-            except Exception:  # another node created it at the same moment
-                kv = await js.key_value(bucket)
-        except Exception as e:
-            raise StateError("StateError", f"placement needs JetStream on the NATS server ({e!r}); "
-                                           "start nats-server with -js") from None
+            kv = await bkv.open_bucket(nc, f"nalar_{namespace}_placement", "placement")
+        except BusError as e:
+            raise StateError("StateError", str(e)) from None
         return cls(kv)
 
     async def get(self, unit: bytes) -> tuple[str, int] | None:
