@@ -83,6 +83,19 @@ class Client:
     async def status_async(self, timeout: float = 2.0) -> list[dict[str, Any]]:
         return await gather_status(self.runtime, timeout)
 
+    async def policy_status_async(self, timeout: float = 1.0) -> dict[str, Any] | None:
+        """The policy actor's status (its policies, rounds and the decisions in force), or ``None``."""
+        from ..bus.errors import UnknownActor
+
+        try:
+            got = await self.runtime.transport_request(self.runtime.subjects.policy_status, {}, timeout)
+        except (UnknownActor, asyncio.TimeoutError):
+            return None
+        return got if isinstance(got, dict) else None
+
+    def policy_status(self, timeout: float = 1.0) -> dict[str, Any] | None:
+        return self._run(self.policy_status_async(timeout))
+
     # -- session state ------------------------------------------------------------------------------
     async def state_async(self, session: str, what: str = "show") -> dict[str, Any]:
         """What the nodes hold for ``session``: ``show`` (latest objects) or ``log`` (versions)."""

@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("actors", nargs="*", metavar="module:Class[=N]", help="serve these instead of the demo")
     up.add_argument("--namespace", default=os.environ.get("NALAR_NAMESPACE", "default"))
     up.add_argument("--data-dir", default=None, help="JetStream data directory (default: a temporary one)")
+    _policy_args(up)
 
     node = sub.add_parser("node", help="serve actor classes against a NATS server")
     node.add_argument("actors", nargs="*", metavar="module:Class[=N]", help="actor classes and instance counts")
@@ -39,7 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="LMDB directory for session state (default: $NALAR_HOME/state/NODE-NAME)")
     node.add_argument("--grace", type=float, default=10.0,
                       help="on SIGTERM, seconds running calls get to finish before they are cancelled (default: 10)")
+    node.add_argument("--max-queue", type=int, default=None, metavar="N",
+                      help="calls queued per actor before new ones fail with Overloaded (default: 100000)")
     _nats_args(node)
+
+    pol = sub.add_parser("policy", help="run the policy actor: gather metrics, run policies, broadcast decisions")
+    _policy_args(pol)
+    _nats_args(pol)
 
     call = sub.add_parser("call", help="call ACTOR.METHOD and print the result as JSON")
     call.add_argument("target", metavar="ACTOR.METHOD")
@@ -70,9 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     _nats_args(mg)
 
     bench = sub.add_parser("bench", help="benchmarks (see README)")
-    bench.add_argument("what", choices=["calls", "futures", "state"])
+    bench.add_argument("what", choices=["calls", "futures", "state", "control"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     return p
+
+
+def _policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--policies", default=None, metavar="LIST",
+                   help="comma-separated built-in names (balance, head-of-line, reassign, srtf, lpt, affinity) "
+                        "and module:Class user policies; 'none' for none (default: $NALAR_POLICIES, else "
+                        "balance,head-of-line,affinity)")
+    p.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between control rounds (default: 1)")
 
 
 def _err(msg: str) -> None:
@@ -116,7 +131,17 @@ async def _call(a: argparse.Namespace) -> int:
     return 0
 
 
-def _print_status(nodes: list[dict[str, Any]]) -> None:
+def _print_status(nodes: list[dict[str, Any]], policy: dict[str, Any] | None = None) -> None:
+    if policy is not None:
+        d = policy["decisions"]
+        last = policy.get("last_round") or {}
+        print(f"policy actor  {', '.join(policy['policies']) or 'no policies'}  every {policy['interval_s']:g}s  "
+              f"round {policy['rounds']}  last {last.get('round_ms', '-')} ms  errors {len(policy['errors'])}")
+        _print_decisions(d)
+        for r in policy.get("refused", [])[-3:]:
+            print(f"  refused: {r}")
+    else:
+        print("policy actor  not running (nodes keep the decisions they have)")
     if not nodes:
         print("no nodes answered")
         return
@@ -128,10 +153,30 @@ def _print_status(nodes: list[dict[str, Any]]) -> None:
         if st:
             print(f"  state: {st['held']} session units held, {st['commit_ops']} commits in {st['commit_batches']} "
                   f"batches, pulled {st['pulled']}, sent {st['exported']}, store {st['path']}")
+        ctl = n.get("control") or {}
+        if ctl:
+            errs = ctl.get("errors") or {}
+            print(f"  control: decisions v{ctl.get('applied_version', 0)}, migrated {ctl.get('migrated', 0)}, "
+                  f"provisioned {ctl.get('provisioned', 0)}, killed {ctl.get('killed', 0)}, forwarded "
+                  f"{n.get('counters', {}).get('forwarded', 0)}, schedule {ctl.get('schedule_us')} us/call"
+                  + (f", errors: {'; '.join(f'{k}: {v}' for k, v in errs.items())}" if errs else ""))
         print(f"  {'ACTOR':<16} {'KIND':<6} {'INST':>4} {'RUNNING':>7} {'QUEUED':>6} {'DONE':>8} {'FAILED':>6}")
         for name, a in sorted(n["actors"].items()):
             print(f"  {name:<16} {a['kind']:<6} {len(a['instances']):>4} {a['running']:>7} {a['queued']:>6} "
                   f"{a['done']:>8} {a['failed']:>6}")
+
+
+def _print_decisions(d: dict[str, Any]) -> None:
+    print(f"  decisions in force: v{d['version']}")
+    for actor, w in sorted(d.get("weights", {}).items()):
+        print(f"    route {actor}: " + ", ".join(f"{i} x{x:g}" for i, x in sorted(w.items())))
+    for kind in ("session_routes", "affinity_routes"):
+        for actor, n in sorted(d.get(kind, {}).items()):
+            print(f"    {kind.replace('_', ' ')} {actor}: {n} sessions")
+    if d.get("priorities"):
+        print(f"    priorities: {d['priorities']} sessions")
+    for node, per in sorted(d.get("scale", {}).items()):
+        print(f"    instances wanted on {node}: " + ", ".join(f"{a} x{c}" for a, c in sorted(per.items())))
 
 
 async def _status(a: argparse.Namespace) -> int:
@@ -140,12 +185,13 @@ async def _status(a: argparse.Namespace) -> int:
     client = await connect_async(a.nats, a.namespace, name="nalar-cli")
     try:
         nodes = await client.status_async(a.timeout)
+        policy = await client.policy_status_async(min(a.timeout, 1.0))
     finally:
         await client.aclose()
     if a.json:
-        sys.stdout.write(orjson.dumps(nodes, option=orjson.OPT_INDENT_2).decode() + "\n")
+        sys.stdout.write(orjson.dumps({"nodes": nodes, "policy": policy}, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
-        _print_status(nodes)
+        _print_status(nodes, policy)
     return 0 if nodes else 1
 
 
@@ -201,7 +247,11 @@ def _node(a: argparse.Namespace) -> int:
         served = ", ".join(f"{g.name} x{len(g.instances)}" for g in node.groups.values())
         print(f"nalar node {node.name} ready on {url} (namespace {node.rt.subjects.ns!r}): {served}", flush=True)
 
-    asyncio.run(serve_node(specs, a.nats, a.namespace, a.name, ready, grace=a.grace, state_dir=a.state_dir))
+    if a.max_queue is not None and a.max_queue < 1:
+        _err("--max-queue must be >= 1")
+        return EXIT_USAGE
+    asyncio.run(serve_node(specs, a.nats, a.namespace, a.name, ready, grace=a.grace, state_dir=a.state_dir,
+                           max_queue=a.max_queue))
     return 0
 
 
@@ -222,7 +272,18 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "up":
             from .up import run_up
 
-            return run_up(_specs(a.actors, not a.actors), a.namespace, a.data_dir)
+            from ..policy import load_policies
+
+            return run_up(_specs(a.actors, not a.actors), a.namespace, a.data_dir, load_policies(a.policies),
+                          a.interval)
+        if a.cmd == "policy":
+            from .policy import serve_policy
+
+            if a.interval <= 0:
+                _err("--interval must be > 0")
+                return EXIT_USAGE
+            asyncio.run(serve_policy(a.nats, a.namespace, a.policies, a.interval))
+            return 0
         if a.cmd == "node":
             return _node(a)
         if a.cmd == "call":

@@ -5,7 +5,7 @@ import asyncio
 import os
 import signal
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 from ..actors.client import resolve_namespace
 from ..actors.node import Node
@@ -19,8 +19,11 @@ from ..bus.transport import NatsTransport
 async def serve_node(specs: list[tuple[type, int | None]], url: str | None, namespace: str | None,
                      name: str | None, on_ready: Callable[[Node, str], None],
                      stop: asyncio.Event | None = None, grace: float = 10.0,
-                     state_dir: str | None = None) -> None:
+                     state_dir: str | None = None, policies: list[Any] | None = None,
+                     interval: float = 1.0, max_queue: int | None = None) -> None:
     """Serve until a signal (a second one exits at once) or until the connection is lost for good.
+
+    With ``policies`` (a list, possibly empty), the policy actor runs here too, on the node's loop.
 
     Raises ``BusError`` in the latter case so the process exits non-zero and a supervisor restarts it.
     """
@@ -49,15 +52,26 @@ async def serve_node(specs: list[tuple[type, int | None]], url: str | None, name
     nc = await open_connection(opts, on_closed)
     transport = NatsTransport(nc)
     rt = Runtime(transport, resolve_namespace(namespace), name=name or "node")
-    node = Node(rt, specs, name=name, state_dir=state_dir)
+    node = Node(rt, specs, name=name, state_dir=state_dir, **({"max_queue": max_queue} if max_queue else {}))
     rt.name = node.name
     await rt.start()
     set_default_runtime(rt)
+    control: Any = None
+    loop_task: asyncio.Task[None] | None = None
     try:
         await node.start()
+        if policies is not None:
+            from ..policy import PolicyActor
+
+            control = PolicyActor(rt, policies, interval)
+            await control.start()
+            loop_task = loop.create_task(control.run(stop))
         on_ready(node, transport.connected_url)
         await stop.wait()
     finally:
+        if loop_task is not None:
+            await loop_task
+            await control.stop()
         await node.stop(grace)
         tracing.shutdown()
     if lost:

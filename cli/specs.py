@@ -1,4 +1,4 @@
-"""``module:Class`` or ``module:Class=N`` on the command line -> (class, instance count)."""
+"""``module:Class`` or ``module:Class=N`` on the command line -> (class, instance count; 0 hosts it idle)."""
 from __future__ import annotations
 
 import importlib
@@ -15,8 +15,9 @@ def parse_spec(spec: str) -> tuple[type, int | None]:
         raise ValueError(f"{spec!r}: expected module:Class or module:Class=N")
     n: int | None = None
     if count:
-        if not count.isdigit() or int(count) < 1:
-            raise ValueError(f"{spec!r}: the instance count after '=' must be a positive integer")
+        if not count.isdigit():
+            raise ValueError(f"{spec!r}: the instance count after '=' must be an integer >= 0 "
+                             "(0: hosted, for the policy to provision)")
         n = int(count)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())

@@ -21,6 +21,7 @@ def _banner(node: Node, url: str, namespace: str, data_dir: str) -> str:
         "nalar is up",
         f"  NATS       {url}   (namespace {namespace!r}, JetStream data in {data_dir})",
         f"  node       {node.name} serving {served}",
+        "  policy     the policy actor runs here too (nalar status shows its decisions)",
         "  try        " + example,
         "             nalar status",
         *(["             nalar call Notebook.add '[\"buy milk\"]' --session me && nalar state show me"]
@@ -30,7 +31,8 @@ def _banner(node: Node, url: str, namespace: str, data_dir: str) -> str:
     ])
 
 
-def run_up(specs: list[tuple[type, int | None]], namespace: str, data_dir: str | None, out: Any = None) -> int:
+def run_up(specs: list[tuple[type, int | None]], namespace: str, data_dir: str | None, policies: list[Any] | None = None,
+           interval: float = 1.0, out: Any = None) -> int:
     out = out or sys.stdout
     running = discovery.find_running()
     if running is not None:
@@ -44,7 +46,8 @@ def run_up(specs: list[tuple[type, int | None]], namespace: str, data_dir: str |
         def ready(node: Node, connected: str) -> None:
             print(_banner(node, url, namespace, server.data_dir), file=out, flush=True)
 
-        asyncio.run(serve_node(specs, url, namespace, None, ready, state_dir=os.path.join(server.data_dir, "state")))
+        asyncio.run(serve_node(specs, url, namespace, None, ready, state_dir=os.path.join(server.data_dir, "state"),
+                               policies=policies if policies is not None else [], interval=interval))
     except KeyboardInterrupt:
         pass
     finally:

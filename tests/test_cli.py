@@ -69,8 +69,11 @@ def test_up_call_status_and_ctrl_c_leaves_no_orphans(tmp_path):
         assert r.returncode == 0, r.stderr
         for actor in ("Analyst", "Stats", "Keywords", "Echo"):
             assert actor in r.stdout
+        assert "policy actor  balance, head-of-line, affinity" in r.stdout  # `nalar up` runs it too
         r = _run("status", "--json")
-        nodes = json.loads(r.stdout)
+        got = json.loads(r.stdout)
+        nodes = got["nodes"]
+        assert got["policy"]["rounds"] >= 1 and got["policy"]["policies"] == ["balance", "head-of-line", "affinity"]
         assert len(nodes) == 1 and nodes[0]["actors"]["Analyst"]["done"] >= 1
         assert len(nodes[0]["actors"]["Analyst"]["instances"]) == 2
 
@@ -113,7 +116,7 @@ def test_node_rejects_bad_specs(nats_url):
     r = _run("node", "no_such_module:Thing", "--nats", nats_url)
     assert r.returncode == 2 and "cannot import module" in r.stderr
     r = _run("node", "sample_actors:Calc=zero", "--nats", nats_url)
-    assert r.returncode == 2 and "positive integer" in r.stderr
+    assert r.returncode == 2 and "must be an integer >= 0" in r.stderr
     r = _run("node", "--nats", nats_url)
     assert r.returncode == 2 and "nothing to serve" in r.stderr
 

@@ -1,0 +1,46 @@
+"""``nalar policy``: run the policy actor in its own process until SIGINT/SIGTERM."""
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+from ..actors.client import resolve_namespace
+from ..actors.runtime import Runtime
+from ..bus.connection import ConnectOptions, open_connection
+from ..bus.errors import BusError
+from ..bus.transport import NatsTransport
+from ..policy import PolicyActor, load_policies
+
+
+async def serve_policy(url: str | None, namespace: str | None, policies: str | None, interval: float,
+                       stop: asyncio.Event | None = None, out: Any = print) -> None:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    lost: list[bool] = []
+
+    def on_closed() -> None:
+        if not stop.is_set():
+            lost.append(True)
+            stop.set()
+
+    installed = load_policies(policies)
+    nc = await open_connection(ConnectOptions.resolve(url, name="nalar-policy"), on_closed)
+    rt = Runtime(NatsTransport(nc), resolve_namespace(namespace), name="policy")
+    await rt.start()
+    actor = PolicyActor(rt, installed, interval)
+    try:
+        await actor.start()
+        out(f"nalar policy actor ready (namespace {rt.subjects.ns!r}, every {interval:g} s, decisions v"
+            f"{actor.table.version}): {', '.join(p.name for p in installed) or 'no policies'}", flush=True)
+        await actor.run(stop)
+    finally:
+        await actor.stop()
+        await rt.close()
+    if lost:
+        raise BusError("the NATS connection was closed for good; the policy actor stopped")

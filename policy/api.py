@@ -1,0 +1,259 @@
+"""What a policy sees (``View``) and what it may do (``Actions``): the policy primitives.
+
+A policy is a class with ``decide(view, act)``, run once per control round in the policy actor's
+single thread. ``view`` is this round's metrics from every node; ``act`` records decisions, which the
+policy actor broadcasts as one versioned batch after every policy has run. Decisions are state, not
+commands: routing a session where it already goes, or asking for the instance count already wanted,
+is dropped, so a policy may simply say every round what it wants.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..actors.decisions import DecisionTable
+
+
+@dataclass
+class InstanceView:
+    id: str
+    actor: str
+    node: str
+    running: int
+    queued: int  # calls routed to this instance and waiting for it
+    limit: int | None
+    draining: bool
+
+    @property
+    def idle(self) -> bool:
+        return not self.draining and self.running == 0 and self.queued == 0
+
+    @property
+    def free(self) -> int:
+        """Calls it could start now."""
+        if self.draining:
+            return 0
+        return max(0, (self.limit or 64) - self.running)
+
+
+@dataclass
+class Waiting:
+    """A queued call of a session, among the first in line on its node."""
+
+    session: str
+    actor: str
+    node: str
+    instance: str  # the instance whose queue holds it, or (unrouted) one of its node's instances
+    routed: bool
+    wait_ms: float
+    stage: int  # calls its request made before it: later workflow stages have higher stages
+    reentries: int  # failed calls of the session so far, plus one if this call is a retry
+    priority: int
+
+
+@dataclass
+class ActorView:
+    name: str
+    kind: str
+    stateful: bool
+    min_instances: int
+    max_instances: int | None
+    instances: list[InstanceView] = field(default_factory=list)
+    queued: int = 0  # deployment-wide
+    running: int = 0
+    lat_ms: float = 0.0  # mean over nodes of each node's moving average
+    wait_ms: float = 0.0
+    waiting: list[Waiting] = field(default_factory=list)  # longest wait first
+    recent: list[tuple[str, str]] = field(default_factory=list)  # (session, instance) newly served
+    engine: dict[str, Any] = field(default_factory=dict)  # model engine stats, per instance
+    nodes_queued: dict[str, int] = field(default_factory=dict)  # node -> calls queued there
+
+    def live(self) -> list[InstanceView]:
+        return [i for i in self.instances if not i.draining]
+
+    def on(self, node: str) -> list[InstanceView]:
+        return [i for i in self.instances if i.node == node and not i.draining]
+
+
+class View:
+    """One round's picture of the deployment."""
+
+    def __init__(self, metrics: dict[str, dict[str, Any]], table: DecisionTable, round_no: int) -> None:
+        self.metrics = metrics
+        self.table = table  # the decisions in force before this round
+        self.round = round_no
+        self.nodes = sorted(metrics)
+        self.actors: dict[str, ActorView] = {}
+        self.instances: dict[str, InstanceView] = {}
+        self.futures = 0
+        for node in self.nodes:
+            m = metrics[node]
+            self.futures += int(m.get("in_flight", 0))
+            for name, a in (m.get("actors") or {}).items():
+                av = self.actors.get(name)
+                if av is None:
+                    av = self.actors[name] = ActorView(name, a.get("kind", "actor"), bool(a.get("stateful")),
+                                                       int(a.get("min", 1)), a.get("max"))
+                av.queued += int(a.get("queued", 0))
+                av.running += int(a.get("running", 0))
+                av.nodes_queued[node] = int(a.get("queued", 0))
+                av.lat_ms += float(a.get("lat_ms", 0.0)) / len(self.nodes)
+                av.wait_ms += float(a.get("wait_ms", 0.0)) / len(self.nodes)
+                first = None
+                for iid, running, queued, limit, draining in a.get("instances", []):
+                    iv = InstanceView(iid, name, node, running, queued, limit, draining)
+                    av.instances.append(iv)
+                    self.instances[iid] = iv
+                    if first is None and not draining:
+                        first = iid
+                for s, inst, wait, stage, re, prio in a.get("waiting", []):
+                    av.waiting.append(Waiting(s, name, node, inst or first or "", inst is not None, wait, stage,
+                                              re, prio))
+                av.recent.extend((s, i) for s, i in a.get("recent", []))
+                av.engine.update(a.get("engine") or {})
+        for av in self.actors.values():
+            av.waiting.sort(key=lambda w: -w.wait_ms)
+
+
+class Actions:
+    """The primitives. Each records an op; ``nalar.policy`` turns them into one batch per round."""
+
+    def __init__(self, view: View) -> None:
+        self.view = view
+        self.ops: list[list[Any]] = []
+        self.refused: list[str] = []
+        t = view.table
+        self._counts: dict[tuple[str, str], int] = {}  # (node, actor) -> instances wanted so far
+        for av in view.actors.values():
+            for node in view.nodes:
+                want = t.scale.get(node, {}).get(av.name)
+                self._counts[(node, av.name)] = want[0] if want is not None else len(av.on(node))
+        self._drain: dict[tuple[str, str], list[str]] = {}
+
+    # -- routing --------------------------------------------------------------------------------
+    def route(self, a: str, b: Any, c: Any = None) -> None:
+        """``route(session, actor, instance)``: the session's calls to ``actor`` go to ``instance``
+        (``None`` removes the route). ``route(actor, instances, weights)``: ``actor``'s other calls
+        are shared among ``instances`` in proportion to ``weights`` (``instances=None``: no weights)."""
+        if isinstance(b, (list, tuple)) or b is None:
+            actor = a
+            if b is None:
+                self.ops.append(["weights", actor, None])
+                return
+            weights = list(c) if c is not None else [1.0] * len(b)
+            if len(weights) != len(b) or any(w < 0 for w in weights):
+                raise ValueError("route(actor, instances, weights): one weight >= 0 per instance")
+            for i in b:
+                self._known(i)
+            self.ops.append(["weights", actor, {i: float(w) for i, w in zip(b, weights)}])
+            return
+        session, actor, instance = a, b, c
+        if instance is not None:
+            self._known(instance)
+        self.ops.append(["route", str(session), actor, instance])
+
+    def affinity(self, session: str, actor: str, instance: str | None) -> None:
+        """A soft route: the session's calls prefer ``instance`` (its cache) while it has room."""
+        if instance is not None:
+            self._known(instance)
+        self.ops.append(["affinity", str(session), actor, instance])
+
+    def set_priority(self, session: str, value: int | None, actor: str | None = None) -> None:
+        """Queued calls of ``session`` (at ``actor``, or everywhere) run before lower values; ``None`` clears."""
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ValueError("a priority is an int (higher runs first)")
+        self.ops.append(["priority", str(session), value, actor])
+
+    def migrate(self, session: str, src: str, dst: str) -> None:
+        """Move the session's queued calls (and, for a stateful actor, its state) from instance ``src``
+        to instance ``dst``; its later calls go to ``dst`` too."""
+        s, d = self._known(src), self._known(dst)
+        if s.actor != d.actor:
+            raise ValueError(f"migrate: {src} and {dst} are instances of different actors")
+        self.ops.append(["migrate", secrets.token_hex(6), str(session), s.actor, src, dst])
+
+    # -- resources ------------------------------------------------------------------------------
+    def provision(self, actor: str, node: str) -> bool:
+        """One more instance of ``actor`` on ``node`` (which must host it), within ``max_instances``."""
+        av = self.view.actors.get(actor)
+        if av is None or node not in self.view.nodes or actor not in (self.view.metrics[node].get("actors") or {}):
+            self.refused.append(f"provision({actor}, {node}): node does not host {actor}")
+            return False
+        if av.max_instances is not None and self._total(actor) >= av.max_instances:
+            self.refused.append(f"provision({actor}, {node}): already at max_instances={av.max_instances}")
+            return False
+        key = (node, actor)
+        self._counts[key] += 1
+        self._emit_scale(key)
+        return True
+
+    def kill(self, instance: str) -> bool:
+        """Drain and stop ``instance``, never below the actor's ``min_instances`` (at least 1) in all."""
+        iv = self._known(instance)
+        av = self.view.actors[iv.actor]
+        if self._total(iv.actor) <= max(1, av.min_instances):
+            self.refused.append(f"kill({instance}): {iv.actor} is at min_instances={max(1, av.min_instances)}")
+            return False
+        key = (iv.node, iv.actor)
+        self._counts[key] -= 1
+        self._drain.setdefault(key, []).append(instance)
+        self._emit_scale(key)
+        return True
+
+    def _emit_scale(self, key: tuple[str, str]) -> None:
+        node, actor = key
+        self.ops = [op for op in self.ops if not (op[0] == "scale" and op[1] == node and op[2] == actor)]
+        self.ops.append(["scale", node, actor, max(0, self._counts[key]), list(self._drain.get(key, []))])
+
+    def _total(self, actor: str) -> int:
+        return sum(n for (node, a), n in self._counts.items() if a == actor)
+
+    def _known(self, instance: str) -> InstanceView:
+        iv = self.view.instances.get(instance)
+        if iv is None:
+            raise ValueError(f"no instance {instance!r} in this round's metrics")
+        return iv
+
+    # -- the batch ------------------------------------------------------------------------------
+    def batch(self) -> list[list[Any]]:
+        """This round's ops, minus those that change nothing, plus where new instances live."""
+        t = self.view.table
+        out: list[list[Any]] = []
+        for iid, iv in self.view.instances.items():
+            if t.instances.get(iid) != iv.node:
+                out.append(["instance", iid, iv.node])
+        for node in self.view.nodes:  # instances a node no longer lists are gone
+            for iid, n in t.instances.items():
+                if n == node and iid not in self.view.instances:
+                    out.append(["instance", iid, None])
+        for op in self.ops:
+            kind = op[0]
+            if kind == "route" or kind == "affinity":
+                table = t.routes if kind == "route" else t.affinity
+                if table.get(op[2], {}).get(op[1]) == op[3]:
+                    continue
+            elif kind == "weights":
+                cur = t.weights.get(op[1])
+                if cur == op[2] or (cur is not None and op[2] is not None and cur.keys() == op[2].keys()
+                                    and all(abs(cur[k] - op[2][k]) < 1e-9 for k in cur)):
+                    continue
+            elif kind == "priority":
+                if t.priorities.get(op[1], {}).get(op[3] or "*") == op[2]:
+                    continue
+            elif kind == "scale":
+                cur_s = t.scale.get(op[1], {}).get(op[2])
+                if cur_s is not None and cur_s[0] == op[3]:
+                    continue
+            out.append(op)
+        return out
+
+
+class Policy:
+    """Subclass and implement ``decide``; keep state across rounds on ``self`` if you need it."""
+
+    #: The name ``nalar policy --policies`` and ``nalar status`` use (the class name if unset).
+    name: str = ""
+
+    def decide(self, view: View, act: Actions) -> None:
+        raise NotImplementedError

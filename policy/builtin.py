@@ -1,0 +1,162 @@
+"""The built-in policies, each a short class over the primitives (see ``api.py``).
+
+=================  ===========================================================================
+name               what it does
+=================  ===========================================================================
+``balance``        weights each actor's unrouted calls by the free capacity of its instances
+``head-of-line``   moves sessions queued behind a backlog to idle instances (state follows)
+``reassign``       on a node, drains an instance of an idle actor and starts one of a hot actor
+``srtf``           later workflow stages first (shortest remaining time first, approximately)
+``lpt``            re-entering jobs (sessions with failed calls, retries) first
+``affinity``       sends a session back to the model instance that served it (its KV cache)
+=================  ===========================================================================
+"""
+from __future__ import annotations
+
+from .api import Actions, Policy, View
+
+
+class LoadBalance(Policy):
+    """Share each actor's unrouted calls in proportion to its instances' free capacity."""
+
+    name = "balance"
+
+    def decide(self, view: View, act: Actions) -> None:
+        for actor in view.actors.values():
+            live = actor.live()
+            if len(live) < 2:
+                continue
+            loads = [(i.running + i.queued) / (i.limit or 64) for i in live]
+            weights = [round(1.0 / (1.0 + 4 * x), 1) or 0.1 for x in loads]  # coarse: few changes to send
+            act.route(actor.name, [i.id for i in live], weights)
+
+
+class HeadOfLine(Policy):
+    """Sessions waiting behind a backlog move to instances that sit idle, their state with them."""
+
+    name = "head-of-line"
+
+    def __init__(self, min_wait_ms: float = 100.0, cooldown_rounds: int = 3) -> None:
+        self.min_wait_ms = min_wait_ms
+        self.cooldown = cooldown_rounds
+        self._moved: dict[str, int] = {}  # session -> round it last moved
+
+    def decide(self, view: View, act: Actions) -> None:
+        self._moved = {s: r for s, r in self._moved.items() if view.round - r < self.cooldown}
+        for actor in view.actors.values():
+            idle = [i for i in actor.live() if i.idle]
+            slots = {i.id: i.free for i in idle}
+            for w in actor.waiting:
+                if not idle:
+                    break
+                if w.wait_ms < self.min_wait_ms or w.session in self._moved:
+                    continue
+                dst = next((i for i in idle if i.node != w.node or i.id != w.instance), None)
+                if dst is None:
+                    break
+                act.migrate(w.session, w.instance, dst.id)
+                self._moved[w.session] = view.round
+                slots[dst.id] -= 1
+                if slots[dst.id] <= 0:
+                    idle.remove(dst)
+
+
+class Reassign(Policy):
+    """Resources go from cold actors to hot ones: on a node hosting both, drain one, start the other."""
+
+    name = "reassign"
+
+    def __init__(self, hot_wait_ms: float = 200.0, cooldown_rounds: int = 5) -> None:
+        self.hot_wait_ms = hot_wait_ms
+        self.cooldown = cooldown_rounds
+        self._last: dict[str, int] = {}  # actor -> round it last changed
+
+    def decide(self, view: View, act: Actions) -> None:
+        ready = [a for a in view.actors.values() if view.round - self._last.get(a.name, -10**9) >= self.cooldown]
+        hot = sorted((a for a in ready if a.queued and a.wait_ms >= self.hot_wait_ms), key=lambda a: -a.queued)
+        cold = [a for a in ready if a.queued == 0 and a.running == 0]
+        for h in hot:
+            for c in cold:
+                node = next((i.node for i in c.live() if i.idle and h.name in
+                             (view.metrics[i.node].get("actors") or {})), None)
+                if node is None:
+                    continue
+                victim = next(i for i in c.on(node) if i.idle)
+                if act.kill(victim.id):
+                    act.provision(h.name, node)
+                    self._last[h.name] = self._last[c.name] = view.round
+                    cold.remove(c)
+                    break
+
+
+class _Expiring(Policy):
+    """Priorities it set are cleared once their session has not been seen waiting for a while."""
+
+    def __init__(self, keep_rounds: int = 30) -> None:
+        self.keep = keep_rounds
+        self._seen: dict[str, int] = {}
+
+    def _mark(self, view: View, session: str) -> None:
+        self._seen[session] = view.round
+
+    def _expire(self, view: View, act: Actions) -> None:
+        for s, r in list(self._seen.items()):
+            if view.round - r >= self.keep:
+                del self._seen[s]
+                act.set_priority(s, None)
+
+
+class SRTF(_Expiring):
+    """Later workflow stages first: a call its request made late has less work left behind it."""
+
+    name = "srtf"
+
+    def decide(self, view: View, act: Actions) -> None:
+        for actor in view.actors.values():
+            for w in actor.waiting:
+                if w.stage > 0 and w.reentries == 0:
+                    act.set_priority(w.session, w.stage)
+                    self._mark(view, w.session)
+        self._expire(view, act)
+
+
+class LPT(_Expiring):
+    """Re-entering jobs first: a session whose calls failed has been waiting longest in total."""
+
+    name = "lpt"
+    BOOST = 1000
+
+    def decide(self, view: View, act: Actions) -> None:
+        for actor in view.actors.values():
+            for w in actor.waiting:
+                if w.reentries > 0:
+                    act.set_priority(w.session, self.BOOST + w.reentries)
+                    self._mark(view, w.session)
+        self._expire(view, act)
+
+
+class CacheAffinity(Policy):
+    """A session returns to the model instance that served it, whose prefix cache still holds it."""
+
+    name = "affinity"
+
+    def __init__(self, keep_rounds: int = 600) -> None:
+        self.keep = keep_rounds
+        self._seen: dict[tuple[str, str], int] = {}
+
+    def decide(self, view: View, act: Actions) -> None:
+        for actor in view.actors.values():
+            if actor.kind != "model":
+                continue
+            for session, inst in actor.recent:
+                if inst in view.instances:
+                    act.affinity(session, actor.name, inst)
+                    self._seen[(session, actor.name)] = view.round
+        for (s, a), r in list(self._seen.items()):
+            if view.round - r >= self.keep:
+                del self._seen[(s, a)]
+                act.affinity(s, a, None)
+
+
+BUILTIN: dict[str, type[Policy]] = {p.name: p for p in (LoadBalance, HeadOfLine, Reassign, SRTF, LPT, CacheAffinity)}
+DEFAULT = ("balance", "head-of-line", "affinity")
