@@ -47,7 +47,7 @@ def check_op(op: Any) -> list[Any]:
     if not isinstance(op, list) or not op or op[0] not in OPS:
         raise MalformedMessage(f"decision op must be a list starting with one of {OPS}, not {op!r:.80}")
     kind = op[0]
-    n = {"route": 4, "affinity": 4, "weights": 3, "priority": 5, "migrate": 6, "scale": 5, "instance": 3}[kind]
+    n = {"route": 4, "affinity": 4, "weights": 3, "priority": 4, "migrate": 6, "scale": 5, "instance": 3}[kind]
     if len(op) != n:
         raise MalformedMessage(f"decision op {kind!r} has {len(op)} fields, not {n}")
     if kind in ("route", "affinity"):

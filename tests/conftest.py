@@ -51,8 +51,9 @@ def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 class NodeProc:
     """A `nalar node` OS process; ``start`` returns once it printed its ready line."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "nalar.cli.main", "node", *args],
+    def __init__(self, args: list[str], env: dict[str, str], cmd: str = "node", marker: str = " ready on ") -> None:
+        self.marker = marker
+        self.proc = subprocess.Popen([sys.executable, "-m", "nalar.cli.main", cmd, *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
         self.lines: "queue.Queue[str]" = queue.Queue()
         self.output: list[str] = []
@@ -70,7 +71,7 @@ class NodeProc:
             line = self.lines.get(timeout=timeout)
             if not line:
                 raise RuntimeError("node exited before it was ready:\n" + "".join(self.output))
-            if " ready on " in line:
+            if self.marker in line:
                 return line
 
     def stop(self, timeout: float = 20) -> int:

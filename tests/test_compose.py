@@ -13,7 +13,7 @@ from conftest import NodeProc, node_env, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = REPO / "docker-compose.yml"
-SERVICES = {"nats", "jaeger", "node1", "node2"}
+SERVICES = {"nats", "jaeger", "policy", "node1", "node2"}
 COMPOSE_NATS = "nats://nats:4222"
 
 
@@ -60,19 +60,19 @@ def test_compose_services_and_node_commands_serve_the_demo(nats_url: str, namesp
     assert "-js" in services["nats"]["command"]
 
     built = {name: s for name, s in services.items() if "build" in s}
-    assert {"node1", "node2"} <= set(built)
+    assert {"node1", "node2", "policy"} <= set(built)
     procs: list[NodeProc] = []
     try:
         for name, s in built.items():
             command = list(s["command"])
-            assert command[0] == "nalar" and command[1] == "node", command
+            assert command[0] == "nalar" and command[1] in ("node", "policy"), command
             args = [nats_url if a == COMPOSE_NATS else a for a in command[2:]] + ["--namespace", namespace]
             # The service's own environment minus tracing: no Jaeger runs here.
             extra = {k: v for k, v in _env(s).items() if not k.startswith("OTEL_")}
             env = node_env(extra)
             for k in [k for k in env if k.startswith("OTEL_")]:
                 del env[k]
-            p = NodeProc(args, env)
+            p = NodeProc(args, env, command[1], " ready on " if command[1] == "node" else "policy actor ready")
             procs.append(p)
             p.wait_ready()
 
@@ -80,9 +80,13 @@ def test_compose_services_and_node_commands_serve_the_demo(nats_url: str, namesp
         assert result["stats"]["words"] == 5
         assert result["keywords"][0] == "the"
 
-        names = {args[args.index("--name") + 1] for args in (s["command"] for s in built.values())}
+        names = {args[args.index("--name") + 1] for args in (s["command"] for s in built.values()) if "--name" in args}
         assert names == {"node1", "node2"}
         wait_for(lambda: names <= {n["node"] for n in client.status()}, what=f"status from {names}")
+        # the policy service runs rounds over both nodes and says which policies it runs
+        st = wait_for(lambda: (p := client.policy_status()) and p["rounds"] >= 2 and p, what="policy rounds")
+        assert st["policies"] == ["balance", "head-of-line", "affinity"]
+        assert (st["last_round"] or {}).get("nodes") == 2
     finally:
         codes = [p.stop() for p in procs]
     assert codes == [0] * len(procs), "".join(o for p in procs for o in p.output)

@@ -7,6 +7,8 @@ def main(what: str, argv: list[str]) -> int:
         from .bench_calls import main as run
     elif what == "futures":
         from .bench_futures import main as run
+    elif what == "control":
+        from .bench_control import main as run
     elif what == "state":
         from .bench_state import main as run
     else:

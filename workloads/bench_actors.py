@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 
 import nalar
 
@@ -28,6 +29,14 @@ async def raw_responder(url: str, subject: str) -> None:
     await nc.flush()
     print("raw responder ready", flush=True)
     await asyncio.Event().wait()
+
+
+@nalar.hints(max_concurrency=256)
+class Waiter(nalar.Tool):
+    """``nalar bench control``: a tool that holds each call until a given Unix time."""
+
+    async def wait(self, until: float) -> None:
+        await asyncio.sleep(max(0.0, until - time.time()))
 
 
 @nalar.hints(stateful=True, max_concurrency=None)
