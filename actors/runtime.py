@@ -164,10 +164,11 @@ class Runtime:
         from ..bus import kv as bkv
 
         try:
-            kv = await asyncio.wait_for(bkv.open_bucket(nc, bkv.policy_bucket(self.subjects.ns), "policy decisions"), 5)
-            got = await asyncio.wait_for(bkv.get(kv, bkv.POLICY_KEY), 5)
-        except Exception as e:  # serving goes on without decisions; the next broadcast brings them
-            log.warning("could not read the policy's decisions: %r", e)
+            kv = await asyncio.wait_for(bkv.open_bucket(nc, bkv.policy_bucket(self.subjects.ns), "policy decisions",
+                                                        create=False), 5)
+            got = await asyncio.wait_for(bkv.get(kv, bkv.POLICY_KEY), 5) if kv is not None else None
+        except Exception as e:  # no JetStream, say: serving goes on; the next broadcast brings decisions
+            log.debug("could not read the policy's decisions: %r", e)
             return
         if got is None:
             return

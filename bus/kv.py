@@ -6,14 +6,19 @@ from typing import Any
 from .errors import BusError
 
 
-async def open_bucket(nc: Any, bucket: str, description: str, history: int = 1) -> Any:
-    """The bucket's handle; creates it if missing. Raises ``BusError`` if the server has no JetStream."""
+async def open_bucket(nc: Any, bucket: str, description: str, history: int = 1, create: bool = True) -> Any:
+    """The bucket's handle; creates it if missing (or returns ``None`` if ``create`` is false).
+
+    Raises ``BusError`` if the server has no JetStream.
+    """
     from nats.js.errors import BucketNotFoundError
 
     js = nc.jetstream()
     try:
         return await js.key_value(bucket)
     except BucketNotFoundError:
+        if not create:
+            return None
         try:
             return await js.create_key_value(bucket=bucket, history=history, description=description)
         except Exception:  # another process created it at the same moment

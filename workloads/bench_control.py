@@ -26,13 +26,14 @@ from typing import Any
 
 import orjson
 
+from ..policy.api import Policy
 from .bench_util import Child, server_for
 
 NODES = 4
 SIZES = (1024, 8192, 32768, 131072)
 
 
-class Churn:
+class Churn(Policy):
     """A bench policy that changes something every round, so every round's batch has work for every
     node: it flips the priority of the sessions first in line and moves a few of them to another node."""
 
