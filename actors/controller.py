@@ -75,14 +75,14 @@ class Controller:
             iid, hard = t.instance_for(g.name, c.session)
             if iid is not None:
                 node = t.instances.get(iid)
-                if node is not None and node != self.name and (hard or not direct):
+                if node is not None and node != self.name and (hard or not direct) and self.rt.alive(node):
                     return node
                 return None
         if not direct:  # from the queue group: does the policy still send this actor's work here?
             w = t.weights.get(g.name)
             if w and not any(w.get(i.id, 0.0) > 0 for i in g.instances if not i.draining):
                 node = t.node_for(g.name, None)
-                if node is not None and node != self.name:
+                if node is not None and node != self.name and self.rt.alive(node):
                     return node
         return None
 

@@ -27,7 +27,7 @@ from .context import current_call
 from .deadlines import DeadlineWheel
 from .decisions import DecisionTable
 from .future import _LOCK, DONE, FAILED, LOOP_THREADS, PENDING, Future
-from .retry import DEFAULT_RETRY, RetryPolicy
+from .retry import DEFAULT_RETRY, HEARTBEAT_INTERVAL, RetryPolicy
 
 DEFAULT_TIMEOUT = 300.0
 #: Reserved for the ``traceparent`` header when checking a call's size before its span exists.
@@ -209,13 +209,19 @@ class Runtime:
             self.on_decisions([], reply)
 
     def route(self, actor: str, session: str | None) -> str:
-        """The subject a call goes to: its routed node's own subject, else the actor's queue group."""
+        """The subject a call goes to: its routed node's own subject, else the actor's queue group
+        (also when the routed node has not been heard from lately: a dead node's routes are void)."""
         t = self.table
         if t.active:
             node = t.node_for(actor, session)
-            if node is not None:
+            if node is not None and self.alive(node):
                 return self.subjects.call_at(actor, node)
         return self.subjects.call(actor)
+
+    def alive(self, node: str) -> bool:
+        """Has ``node`` sent a heartbeat within the last few intervals?"""
+        seen = self.node_seen.get(node)
+        return seen is not None and time.monotonic() - seen[0] < 3 * HEARTBEAT_INTERVAL
 
     # -- thread hand-off -------------------------------------------------------------------------
     def on_loop(self) -> bool:
