@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from heapq import heappop, heappush
+from heapq import heapify, heappop, heappush
 from typing import TYPE_CHECKING, Any
 
 from ..bus import envelope as env
@@ -51,7 +51,7 @@ class Controller:
         _wheel: Any
 
         def _enqueue(self, c: Call) -> None: ...
-        def _push(self, c: Call, inst: Instance | None) -> None: ...
+        def _push(self, c: Call, inst: Instance | None, seq: int = 0) -> None: ...
         def _unqueue(self, c: Call) -> None: ...
         def _pump(self, inst: Instance) -> None: ...
         def _pump_all(self, g: ActorGroup) -> None: ...
@@ -175,15 +175,23 @@ class Controller:
         self._pump_all(g)
 
     def _reprioritise(self, sessions: set[str]) -> None:
-        """Queued calls of these sessions take their new priority (and their place in line)."""
+        """Queued calls of these sessions take their new priority, keeping their arrival order.
+
+        Their entries change in place and each queue they are in is heapified again (dropping dead
+        entries), so no call changes queue or loses its place among calls of equal priority.
+        """
+        priority = self.rt.table.priority
         for g in self.groups.values():
-            moved = [e[2] for e in g.heap if e[2] is not None and e[2].session in sessions]
-            for inst in g.instances:
-                moved.extend(e[2] for e in inst.heap if e[2] is not None and e[2].session in sessions)
-            for c in moved:
-                pin = c.pin
-                self._unqueue(c)
-                self._push(c, pin)
+            for heap in (g.heap, *(inst.heap for inst in g.instances)):
+                hit = False
+                for e in heap:
+                    c = e[2]
+                    if c is not None and c.session in sessions:
+                        e[0] = -priority(c.session, g.name, c.priority)
+                        hit = True
+                if hit:
+                    heap[:] = [e for e in heap if e[2] is not None]
+                    heapify(heap)
 
     def _session_calls(self, g: ActorGroup, session: str) -> list[Call]:
         out = [e[2] for e in g.heap if e[2] is not None and e[2].session == session]
@@ -245,7 +253,11 @@ class Controller:
 
     # -- provision and kill ----------------------------------------------------------------------
     def _reconcile(self, actor: str) -> None:
-        """Start or drain instances of ``actor`` until this node has the count the policy wants."""
+        """Start or drain instances of ``actor`` until this node has the count the policy wants.
+
+        Instances still starting count as there; if fewer are wanted than run once they are up, the
+        excess (those the policy named first) drains then (``_provision`` reconciles again).
+        """
         want = self.rt.table.scale.get(self.name, {}).get(actor)
         if want is None:
             return
@@ -291,16 +303,16 @@ class Controller:
         self.control["provisioned"] += 1
         await self._serve(g)
         self._pump(inst)
+        self._reconcile(g.name)  # fewer may be wanted by now (a kill decided while it was starting)
 
     def _kill(self, inst: Instance) -> None:
         """Stop giving ``inst`` calls; its queued calls go to the others; it stops when idle."""
         g = inst.group
         inst.draining = True
-        for e in list(inst.heap):
-            c = e[2]
+        for _, seq, c in list(inst.heap):
             if c is not None:
                 self._unqueue(c)
-                self._push(c, None)
+                self._push(c, None, seq)
         inst.heap.clear()
         if inst.running == 0:
             self._retire(inst)

@@ -96,7 +96,9 @@ class DecisionTable:
     def apply(self, msg: dict[str, Any]) -> list[list[Any]] | None:
         """Apply a broadcast batch; returns the ops applied, or ``None`` if it was stale or out of order.
 
-        ``None`` with ``msg["v"] > self.version`` means a batch was missed: reload the snapshot.
+        ``None`` with ``msg["v"] > self.version`` means a batch was missed: reload the snapshot. For a
+        full snapshot, the ops returned start with ops that clear the weights, priorities and instance
+        counts it no longer has, so that whoever enforces them undoes those too.
         """
         v = msg.get("v")
         ops = msg.get("ops")
@@ -104,7 +106,9 @@ class DecisionTable:
             raise MalformedMessage("a decision batch is {'v': version, 'ops': [...]} ")
         for op in ops:
             check_op(op)
+        cleared: list[list[Any]] = []
         if msg.get("full") is True:
+            cleared = self._cleared_by(ops)
             self.reset()
         elif v <= self.version or msg.get("prev") != self.version:
             return None
@@ -112,7 +116,19 @@ class DecisionTable:
             self.apply_op(op)
         self.version = v
         self._derive()
-        return ops
+        return cleared + ops if cleared else ops
+
+    def _cleared_by(self, ops: list[list[Any]]) -> list[list[Any]]:
+        """Ops clearing the weights, priorities and counts in force that the snapshot ``ops`` leave out."""
+        keep = {(op[0], op[1]) if op[0] == "weights" else (op[0], op[1], op[3]) if op[0] == "priority"
+                else (op[0], op[1], op[2]) for op in ops if op[0] in ("weights", "priority", "scale")}
+        out: list[list[Any]] = [["weights", a, None] for a in self.weights if ("weights", a) not in keep]
+        for s, per_s in self.priorities.items():
+            out.extend(["priority", s, None, None if k == "*" else k] for k in per_s
+                       if ("priority", s, None if k == "*" else k) not in keep)
+        for node, per_n in self.scale.items():
+            out.extend(["scale", node, a, None, []] for a in per_n if ("scale", node, a) not in keep)
+        return out
 
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]

@@ -464,9 +464,12 @@ class Node(Controller):
         else:
             self._dispatch(free, c)
 
-    def _push(self, c: Call, inst: Instance | None) -> None:
-        self._seq += 1
-        e = [-self.rt.table.priority(c.session, c.group.name, c.priority), self._seq, c]
+    def _push(self, c: Call, inst: Instance | None, seq: int = 0) -> None:
+        """Queue ``c`` by its priority, then ``seq``: its arrival (a call queued again keeps its own)."""
+        if not seq:
+            self._seq += 1
+            seq = self._seq
+        e = [-self.rt.table.priority(c.session, c.group.name, c.priority), seq, c]
         c.qe = e
         c.pin = inst
         g = c.group

@@ -176,12 +176,9 @@ class Actions:
     # -- resources ------------------------------------------------------------------------------
     def provision(self, actor: str, node: str) -> bool:
         """One more instance of ``actor`` on ``node`` (which must host it), within ``max_instances``."""
-        av = self.view.actors.get(actor)
-        if av is None or node not in self.view.nodes or actor not in (self.view.metrics[node].get("actors") or {}):
-            self.refused.append(f"provision({actor}, {node}): node does not host {actor}")
-            return False
-        if av.max_instances is not None and self._total(actor) >= av.max_instances:
-            self.refused.append(f"provision({actor}, {node}): already at max_instances={av.max_instances}")
+        why = self._no_provision(actor, node)
+        if why is not None:
+            self.refused.append(f"provision({actor}, {node}): {why}")
             return False
         key = (node, actor)
         self._counts[key] += 1
@@ -189,17 +186,43 @@ class Actions:
         return True
 
     def kill(self, instance: str) -> bool:
-        """Drain and stop ``instance``, never below the actor's ``min_instances`` (at least 1) in all."""
+        """Drain and stop ``instance``, never below the actor's ``min_instances`` (at least 1) in all.
+
+        Killing an instance already draining (or already killed this round) changes nothing."""
         iv = self._known(instance)
-        av = self.view.actors[iv.actor]
-        if self._total(iv.actor) <= max(1, av.min_instances):
-            self.refused.append(f"kill({instance}): {iv.actor} is at min_instances={max(1, av.min_instances)}")
-            return False
         key = (iv.node, iv.actor)
+        if iv.draining or instance in self._drain.get(key, ()):
+            return True
+        why = self._no_kill(iv)
+        if why is not None:
+            self.refused.append(f"kill({instance}): {why}")
+            return False
         self._counts[key] -= 1
         self._drain.setdefault(key, []).append(instance)
         self._emit_scale(key)
         return True
+
+    def can_provision(self, actor: str, node: str) -> bool:
+        """Would ``provision(actor, node)`` be allowed now (given this round's decisions so far)?"""
+        return self._no_provision(actor, node) is None
+
+    def can_kill(self, instance: str) -> bool:
+        """Would ``kill(instance)`` be allowed now (given this round's decisions so far)?"""
+        return self._no_kill(self._known(instance)) is None
+
+    def _no_provision(self, actor: str, node: str) -> str | None:
+        av = self.view.actors.get(actor)
+        if av is None or node not in self.view.nodes or actor not in (self.view.metrics[node].get("actors") or {}):
+            return f"node does not host {actor}"
+        if av.max_instances is not None and self._total(actor) >= av.max_instances:
+            return f"already at max_instances={av.max_instances}"
+        return None
+
+    def _no_kill(self, iv: InstanceView) -> str | None:
+        av = self.view.actors[iv.actor]
+        if self._total(iv.actor) <= max(1, av.min_instances):
+            return f"{iv.actor} is at min_instances={max(1, av.min_instances)}"
+        return None
 
     def _emit_scale(self, key: tuple[str, str]) -> None:
         node, actor = key

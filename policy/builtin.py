@@ -49,8 +49,8 @@ class HeadOfLine(Policy):
             for w in actor.waiting:
                 if not idle:
                     break
-                if w.wait_ms < self.min_wait_ms or w.session in self._moved:
-                    continue
+                if w.wait_ms < self.min_wait_ms or w.session in self._moved or w.instance not in view.instances:
+                    continue  # (no instance left where it waits: that node passes its queue on itself)
                 dst = next((i for i in idle if i.node != w.node or i.id != w.instance), None)
                 if dst is None:
                     break
@@ -82,7 +82,8 @@ class Reassign(Policy):
                 if node is None:
                     continue
                 victim = next(i for i in c.on(node) if i.idle)
-                if act.kill(victim.id):
+                if act.can_kill(victim.id) and act.can_provision(h.name, node):  # both halves, or neither
+                    act.kill(victim.id)
                     act.provision(h.name, node)
                     self._last[h.name] = self._last[c.name] = view.round
                     cold.remove(c)

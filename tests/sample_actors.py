@@ -301,3 +301,107 @@ class SelfCaller(nalar.Agent):
 
     def inner(self) -> int:
         return 1
+
+
+# -- control (tests/test_control.py) -------------------------------------------------------------
+# Gates that a test opens through ``GateCtl.release`` (an async tool on the same node), and a log of
+# the order in which calls ran, kept per node process.
+_GATES: dict[str, threading.Event] = {}
+_AGATES: dict[str, asyncio.Event] = {}
+_GATES_LOCK = threading.Lock()
+_RAN: dict[str, list[object]] = {}
+
+
+def _gate(name: str) -> threading.Event:
+    with _GATES_LOCK:
+        return _GATES.setdefault(name, threading.Event())
+
+
+def _agate(name: str) -> asyncio.Event:
+    ev = _AGATES.get(name)
+    if ev is None:
+        ev = _AGATES[name] = asyncio.Event()
+    return ev
+
+
+def _instance() -> str | None:
+    """The id of the instance running the current call (for tests that check where calls land)."""
+    from nalar.actors.context import current_call
+
+    c = current_call.get()
+    return c.inst.id if c is not None and c.inst is not None else None
+
+
+@nalar.hints(max_concurrency=None)
+class GateCtl(nalar.Tool):
+    """Opens this node's gates and reads what ran here, in order."""
+
+    async def release(self, name: str) -> str | None:
+        _gate(name).set()
+        _agate(name).set()
+        return _instance()
+
+    async def ran(self, key: str) -> list[object]:
+        return list(_RAN.get(key, []))
+
+
+class Pin(nalar.Tool):
+    """Says which instance ran the call."""
+
+    def where(self) -> str | None:
+        return _instance()
+
+
+@nalar.hints(max_concurrency=1)
+class Prio(nalar.Tool):
+    """An async tool running one call at a time: its queue is where priorities show."""
+
+    async def block(self, gate: str) -> str | None:
+        await asyncio.wait_for(_agate(gate).wait(), 60)
+        return _instance()
+
+    async def step(self, key: str, tag: str) -> str:
+        _RAN.setdefault(key, []).append(tag)
+        return tag
+
+
+@nalar.hints(stateful=True)
+class Tally(nalar.Agent):
+    """A stateful counter (sync: one call at a time per instance) that can be held at a gate."""
+
+    def incr(self) -> dict[str, object]:
+        n = nalar.managed_value("n", 0)
+        n.value += 1
+        return {"n": n.value, "instance": _instance()}
+
+    def hold(self, gate: str) -> str | None:
+        if not _gate(gate).wait(60):
+            raise TimeoutError(f"gate {gate} was never opened")
+        return _instance()
+
+
+@nalar.hints(min_instances=1, max_instances=3)
+class Scalable(nalar.Tool):
+    """Instance counts the policy may change, within 1..3 in all."""
+
+    def where(self) -> str | None:
+        return _instance()
+
+
+_STARTS = [0]
+
+
+@nalar.hints(min_instances=1, max_instances=3)
+class SlowStart(nalar.Tool):
+    """Instances after a node's first wait in ``on_start`` until the gate "start" opens (a model
+    loading its weights, say)."""
+
+    def on_start(self) -> None:
+        with _GATES_LOCK:
+            _STARTS[0] += 1
+            first = _STARTS[0] == 1
+        if not first and not _gate("start").wait(60):
+            raise TimeoutError("gate start was never opened")
+
+    def where(self) -> str | None:
+        return _instance()

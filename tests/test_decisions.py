@@ -1,0 +1,218 @@
+"""The decision table and the policy primitives, without a server: op validation, versions, snapshots."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from nalar import MalformedMessage
+from nalar.actors.decisions import DecisionTable, check_op
+from nalar.policy import Actions, View
+
+GOOD = [
+    ["instance", "P-a-0", "a"], ["instance", "P-b-0", "b"],
+    ["route", "s1", "P", "P-b-0"], ["affinity", "s2", "P", "P-a-0"],
+    ["weights", "P", {"P-a-0": 1, "P-b-0": 0.5}],
+    ["priority", "s1", 5, None], ["priority", "s1", 9, "Q"],
+    ["scale", "b", "P", 2, ["P-b-0"]],
+    ["migrate", "m1", "s3", "P", "P-a-0", "P-b-0"],
+]
+
+BAD = [
+    None, [], "route", ["nope", "s"], ["route", "s", "P"], ["route", "", "P", "i"], ["route", "s", 3, "i"],
+    ["route", "s", "P", 7], ["affinity", "s", "P", "i", "extra"],
+    ["weights", "P", [1, 2]], ["weights", "P", {"i": -1}], ["weights", "P", {"i": True}], ["weights", "P", {"i": "1"}],
+    ["weights", "", None],
+    ["priority", "s", 1.5, None], ["priority", "s", True, None], ["priority", "s", "1", None], ["priority", "s", 1],
+    ["priority", "s", 1, ""], ["priority", "s", 1, None, "x"],
+    ["migrate", "id", "s", "P", "src"], ["migrate", "id", "s", "P", 1, "dst"], ["migrate", "", "s", "P", "a", "b"],
+    ["scale", "n", "P", -1, []], ["scale", "n", "P", True, []], ["scale", "n", "P", 1.0, []],
+    ["scale", "n", "P", 1, "P-n-0"], ["scale", "n", "P", 1, [3]], ["scale", "n", "P", 1],
+    ["instance", "i"], ["instance", "i", 5], ["instance", "", "n"],
+]
+
+
+def test_well_formed_ops_pass():
+    for op in GOOD:
+        assert check_op(op) is op
+    for op in (["route", "s", "P", None], ["weights", "P", None], ["priority", "s", None, None],
+               ["scale", "n", "P", None, []], ["instance", "i", None]):
+        check_op(op)
+
+
+@pytest.mark.parametrize("op", BAD, ids=[repr(op)[:40] for op in BAD])
+def test_malformed_ops_are_refused(op):
+    with pytest.raises(MalformedMessage):
+        check_op(op)
+
+
+@pytest.mark.parametrize("msg", [{}, {"v": "1", "ops": []}, {"v": True, "ops": []}, {"v": 1, "ops": {}},
+                                 {"v": 1.0, "ops": []}, {"v": 1, "prev": 0}])
+def test_malformed_batches_are_refused(msg):
+    t = DecisionTable()
+    with pytest.raises(MalformedMessage):
+        t.apply(msg)
+    assert t.version == 0
+
+
+def test_a_batch_with_one_bad_op_applies_nothing():
+    t = DecisionTable()
+    with pytest.raises(MalformedMessage):
+        t.apply({"v": 1, "prev": 0, "ops": [["route", "s", "P", "i"], ["scale", "n", "P", -3, []]]})
+    assert t.version == 0 and t.routes == {} and not t.active
+
+
+def test_versions_apply_in_order_and_stale_or_gapped_batches_are_ignored():
+    t = DecisionTable()
+    assert t.apply({"v": 1, "prev": 0, "ops": GOOD}) == GOOD
+    assert t.version == 1 and t.routes == {"P": {"s1": "P-b-0", "s3": "P-b-0"}}  # a migrate moves the route
+    assert t.apply({"v": 1, "prev": 0, "ops": [["route", "s1", "P", "P-a-0"]]}) is None  # a duplicate
+    assert t.apply({"v": 0, "prev": -1, "ops": [["route", "s1", "P", "P-a-0"]]}) is None  # stale
+    assert t.apply({"v": 3, "prev": 2, "ops": [["route", "s1", "P", "P-a-0"]]}) is None  # v2 was missed
+    assert t.apply({"v": 2, "ops": [["route", "s1", "P", "P-a-0"]]}) is None  # no prev: not in order either
+    assert t.version == 1 and t.routes["P"]["s1"] == "P-b-0"
+    assert t.apply({"v": 2, "prev": 1, "ops": [["route", "s1", "P", None], ["weights", "P", None]]})
+    assert t.version == 2 and "s1" not in t.routes["P"] and t.weights == {}
+
+
+def test_a_full_snapshot_replaces_the_table_whatever_its_version():
+    t = DecisionTable()
+    t.apply({"v": 7, "full": True, "ops": GOOD})
+    assert t.version == 7
+    got = t.apply({"v": 2, "full": True, "ops": [["instance", "P-a-0", "a"], ["route", "s9", "P", "P-a-0"],
+                                                 ["priority", "s1", 5, None]]})
+    assert t.version == 2
+    assert t.routes == {"P": {"s9": "P-a-0"}} and t.affinity == {} and t.weights == {} and t.scale == {}
+    assert t.instances == {"P-a-0": "a"} and t.priorities == {"s1": {"*": 5}}
+    # what was dropped comes back as clearing ops first, so enforcement (weights, queues, counts) undoes it
+    assert got[:3] == [["weights", "P", None], ["priority", "s1", None, "Q"], ["scale", "b", "P", None, []]]
+    assert got[3:] == [["instance", "P-a-0", "a"], ["route", "s9", "P", "P-a-0"], ["priority", "s1", 5, None]]
+
+
+def test_a_snapshot_round_trips():
+    t = DecisionTable()
+    t.apply({"v": 4, "full": True, "ops": GOOD})
+    u = DecisionTable()
+    u.apply({"v": t.version, "full": True, "ops": copy.deepcopy(t.snapshot_ops())})
+    for attr in ("version", "instances", "routes", "affinity", "weights", "priorities", "scale"):
+        assert getattr(u, attr) == getattr(t, attr), attr
+    assert u.summary() == t.summary()
+
+
+def test_reading_the_table():
+    t = DecisionTable()
+    assert t.node_for("P", "s1") is None and not t.active
+    t.apply({"v": 1, "prev": 0, "ops": GOOD})
+    assert t.node_for("P", "s1") == "b"  # hard route
+    assert t.node_for("P", "s2") == "a"  # affinity
+    assert t.instance_for("P", "s1") == ("P-b-0", True) and t.instance_for("P", "s2") == ("P-a-0", False)
+    assert t.instance_for("P", None) == (None, False)
+    assert {t.node_for("P", None) for _ in range(200)} == {"a", "b"}  # weights 1 : 0.5
+    t.apply({"v": 2, "prev": 1, "ops": [["weights", "P", {"P-a-0": 0, "P-b-0": 2}]]})
+    assert {t.node_for("P", "other") for _ in range(50)} == {"b"}
+    t.apply({"v": 3, "prev": 2, "ops": [["weights", "P", {"P-a-0": 0, "P-b-0": 0}]]})
+    assert t.node_for("P", None) is None  # nowhere by weight: the queue group
+    assert t.node_for("P", "s1") == "b"
+    assert t.priority("s1", "P", 0) == 5 and t.priority("s1", "Q", 0) == 9 and t.priority("s4", "P", 1) == 1
+    t.apply({"v": 4, "prev": 3, "ops": [["priority", "s1", None, None], ["instance", "P-b-0", None]]})
+    assert t.priority("s1", "P", 0) == 0 and t.priority("s1", "Q", 0) == 9
+    assert t.node_for("P", "s1") is None  # its instance is gone: the route points nowhere
+
+
+# -- the primitives -------------------------------------------------------------------------------------
+def _metrics(node: str, actor: str, instances: list[list[Any]], lo: int = 1, hi: int | None = 3) -> dict[str, Any]:
+    return {"node": node, "actors": {actor: {"kind": "tool", "stateful": False, "min": lo, "max": hi, "queued": 0,
+                                             "running": 0, "instances": instances, "waiting": []}}}
+
+
+def _view(table: DecisionTable | None = None, draining: bool = False) -> View:
+    m = {"a": _metrics("a", "P", [["P-a-0", 0, 0, 1, False], ["P-a-1", 0, 0, 1, draining]]),
+         "b": _metrics("b", "P", [["P-b-0", 0, 0, 1, False]])}
+    return View(m, table or DecisionTable(), 1)
+
+
+def test_provision_and_kill_stay_within_min_and_max():
+    act = Actions(_view())
+    assert not act.provision("P", "a")  # 3 already: max_instances=3
+    assert act.kill("P-a-1") and act.kill("P-b-0")
+    assert not act.kill("P-a-0")  # the last one
+    assert act.provision("P", "b")
+    assert len(act.refused) == 2
+    ops = [op for op in act.batch() if op[0] == "scale"]
+    assert ops == [["scale", "a", "P", 1, ["P-a-1"]], ["scale", "b", "P", 1, ["P-b-0"]]]
+    with pytest.raises(ValueError):
+        act.kill("P-zz-0")
+    assert not act.provision("Nope", "a") and not act.provision("P", "zz")
+
+
+def test_killing_an_instance_already_on_its_way_out_changes_nothing():
+    act = Actions(_view())
+    assert act.kill("P-a-1") and act.kill("P-a-1")  # twice in a round: once
+    assert [op for op in act.batch() if op[0] == "scale"] == [["scale", "a", "P", 1, ["P-a-1"]]]
+    t = DecisionTable()
+    t.apply({"v": 1, "prev": 0, "ops": [["scale", "a", "P", 1, ["P-a-1"]]]})
+    act = Actions(_view(t, draining=True))  # next round: it is draining, and a policy says it again
+    assert act.kill("P-a-1")
+    assert [op for op in act.batch() if op[0] == "scale"] == []
+    assert act.kill("P-b-0")  # P-a-0 and P-b-0 are live: one may go
+    assert not act.kill("P-a-0")
+
+
+def test_a_batch_leaves_out_what_is_already_in_force():
+    t = DecisionTable()
+    act = Actions(_view(t))
+    act.route("s", "P", "P-a-0")
+    act.route("P", ["P-a-0", "P-b-0"], [1, 2])
+    act.set_priority("s", 4)
+    first = act.batch()
+    assert {op[0] for op in first} == {"instance", "route", "weights", "priority"}
+    t.apply({"v": 1, "prev": 0, "ops": first})
+    act = Actions(_view(t))
+    act.route("s", "P", "P-a-0")
+    act.route("P", ["P-a-0", "P-b-0"], [1.0, 2.0])
+    act.set_priority("s", 4)
+    assert act.batch() == []
+    with pytest.raises(ValueError):
+        act.route("P", ["P-a-0"], [1, 2])
+    with pytest.raises(ValueError):
+        act.set_priority("s", 1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        act.migrate("s", "P-a-0", "P-x-0")
+
+
+# -- built-in policies on a made-up deployment ------------------------------------------------------------
+def _actor(kind: str, instances: list[list[Any]], queued: int = 0, wait_ms: float = 0.0, lo: int = 1,
+           hi: int | None = None, waiting: list[list[Any]] | None = None) -> dict[str, Any]:
+    return {"kind": kind, "stateful": False, "min": lo, "max": hi, "queued": queued, "running": 0,
+            "wait_ms": wait_ms, "instances": instances, "waiting": waiting or []}
+
+
+def test_reassign_moves_an_instance_only_when_both_halves_are_allowed():
+    from nalar.policy.builtin import Reassign
+
+    def view(hot_max: int | None) -> View:
+        m = {"a": {"node": "a", "actors": {
+            "Hot": _actor("tool", [["Hot-a-0", 1, 5, 1, False]], queued=5, wait_ms=900, hi=hot_max),
+            "Cold": _actor("tool", [["Cold-a-0", 0, 0, 1, False], ["Cold-a-1", 0, 0, 1, False]])}}}
+        return View(m, DecisionTable(), 10)
+
+    act = Actions(view(None))
+    Reassign().decide(act.view, act)
+    assert sorted(op[:4] for op in act.batch() if op[0] == "scale") == [["scale", "a", "Cold", 1], ["scale", "a", "Hot", 2]]
+    act = Actions(view(1))  # Hot may not grow: Cold keeps its instance
+    Reassign().decide(act.view, act)
+    assert [op for op in act.batch() if op[0] == "scale"] == []
+
+
+def test_head_of_line_skips_calls_queued_where_no_instance_is_left():
+    from nalar.policy.builtin import HeadOfLine
+
+    m = {"a": {"node": "a", "actors": {"P": _actor("tool", [["P-a-0", 0, 0, 1, True]], queued=1,
+                                                   waiting=[["s0", None, 500.0, 0, 0, 0]])}},
+         "b": {"node": "b", "actors": {"P": _actor("tool", [["P-b-0", 1, 1, 1, False]], queued=1,
+                                                   waiting=[["s1", "P-b-0", 400.0, 0, 0, 0]])}},
+         "c": {"node": "c", "actors": {"P": _actor("tool", [["P-c-0", 0, 0, 1, False]])}}}
+    act = Actions(View(m, DecisionTable(), 1))
+    HeadOfLine().decide(act.view, act)
+    assert [op[2:] for op in act.batch() if op[0] == "migrate"] == [["s1", "P", "P-b-0", "P-c-0"]]
