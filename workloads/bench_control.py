@@ -67,7 +67,6 @@ async def _client(url: str, ns: str, n: int, hold: float) -> None:
 
 
 async def _one(url: str, ns: str, n: int, rounds: int, hold: float) -> dict[str, Any]:
-    import nalar
     from ..actors.runtime import Runtime
     from ..bus.connection import ConnectOptions, open_connection
     from ..bus.transport import NatsTransport
