@@ -34,8 +34,6 @@ class Controller:
     """Decision enforcement and metrics for a ``Node`` (mixin)."""
 
     if TYPE_CHECKING:
-        from ..state.managed import Txn  # noqa: F401
-        from .node import Node as _N
         from .runtime import Runtime
         from .sessions import Sessions
 
@@ -53,6 +51,7 @@ class Controller:
         def _enqueue(self, c: Call) -> None: ...
         def _push(self, c: Call, inst: Instance | None, seq: int = 0) -> None: ...
         def _unqueue(self, c: Call) -> None: ...
+        def _queued_calls(self, g: ActorGroup) -> list[Call]: ...
         def _pump(self, inst: Instance) -> None: ...
         def _pump_all(self, g: ActorGroup) -> None: ...
         def _new_instance(self, g: ActorGroup) -> Instance: ...
@@ -194,9 +193,7 @@ class Controller:
                     heapify(heap)
 
     def _session_calls(self, g: ActorGroup, session: str) -> list[Call]:
-        out = [e[2] for e in g.heap if e[2] is not None and e[2].session == session]
-        for inst in g.instances:
-            out.extend(e[2] for e in inst.heap if e[2] is not None and e[2].session == session)
+        out = [c for c in self._queued_calls(g) if c.session == session]
         out.sort(key=lambda c: c.qe[1] if c.qe is not None else 0)  # arrival order
         return out
 

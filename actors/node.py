@@ -578,13 +578,7 @@ class Node(Controller):
                     break
                 heap = second
             c = heappop(heap)[2]
-            c.qe = None
-            g.queued -= 1
-            if c.pin is None:
-                g.shared -= 1
-            else:
-                inst.queued -= 1
-                c.pin = None
+            self._unqueue(c)
             self._dispatch(inst, c)
             n += 1
         if n:

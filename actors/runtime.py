@@ -548,7 +548,7 @@ class Runtime:
         if fut._state != PENDING or r is None or self.closed:
             return
         data = env.encode_call(fut.method, r.args, r.kwargs or {}, _DepEncoder())  # it encoded once: it will again
-        if r.subject.count(".") > self.subjects.prefix.count(".") + 1:  # routed: the route may have moved
+        if r.subject != self.subjects.call(fut.actor):  # routed: the route may have moved
             r.subject = self.route(fut.actor, r.headers.get(env.H_SESSION))
         self._send_call(fut, r.subject, data, r.headers, r.reply)
 

@@ -5,10 +5,9 @@
 """
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
+from ..actors.loading import load_class
 from .actor import PolicyActor
 from .api import Actions, ActorView, InstanceView, Policy, View, Waiting
 from .builtin import BUILTIN, DEFAULT
@@ -32,18 +31,9 @@ def load_policies(names: str | None = None) -> list[Policy]:
                 raise ValueError(f"unknown policy {item!r}; built-in: {sorted(BUILTIN)}, or module:Class")
             out.append(cls())
             continue
-        module_name, _, class_name = item.partition(":")
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise ValueError(f"{item!r}: cannot import {module_name!r}: {e}") from None
-        cls = getattr(module, class_name, None)
-        if not (isinstance(cls, type) and issubclass(cls, Policy)):
-            raise ValueError(f"{item!r}: {class_name} is not a nalar.policy.Policy subclass")
-        p = cls()
-        p.name = p.name or class_name
+        user = load_class(item, Policy, "nalar.policy.Policy subclass")
+        p: Policy = user()
+        p.name = p.name or user.__name__
         out.append(p)
     return out
 

@@ -145,16 +145,7 @@ class PolicyActor:
             if expect and expect <= got.keys():
                 done.set()
 
-        inbox = self.rt.subjects.inbox(self.rt.proc, f"metrics{self.round_no}")
-        sub = await self.rt.transport.subscribe(inbox, on)
-        try:
-            await self.rt.transport.publish(self.rt.subjects.metrics, b"{}", None, inbox)
-            try:
-                await asyncio.wait_for(done.wait(), self.collect_timeout)
-            except asyncio.TimeoutError:
-                pass
-        finally:
-            await sub.unsubscribe()
+        await self._scatter(self.rt.subjects.metrics, b"{}", "metrics", on, done)
         return got
 
     async def _broadcast(self, msg: bytes, nodes: set[str], v: int) -> int:
@@ -172,18 +163,23 @@ class PolicyActor:
                 if nodes <= acked:
                     done.set()
 
-        inbox = self.rt.subjects.inbox(self.rt.proc, f"applied{self.round_no}")
+        if not nodes:
+            done.set()
+        await self._scatter(self.rt.subjects.policy, msg, "applied", on, done)
+        return len(acked & nodes)
+
+    async def _scatter(self, subject: str, data: bytes, tag: str, on: Any, done: asyncio.Event) -> None:
+        """Publish ``data`` with a fresh inbox for answers (``on`` gets each); wait for ``done``, bounded."""
+        inbox = self.rt.subjects.inbox(self.rt.proc, f"{tag}{self.round_no}")
         sub = await self.rt.transport.subscribe(inbox, on)
         try:
-            await self.rt.transport.publish(self.rt.subjects.policy, msg, None, inbox)
-            if nodes:
-                try:
-                    await asyncio.wait_for(done.wait(), self.collect_timeout)
-                except asyncio.TimeoutError:
-                    pass
+            await self.rt.transport.publish(subject, data, None, inbox)
+            try:
+                await asyncio.wait_for(done.wait(), self.collect_timeout)
+            except asyncio.TimeoutError:
+                pass
         finally:
             await sub.unsubscribe()
-        return len(acked & nodes)
 
     def status(self) -> dict[str, Any]:
         recent = self.rounds[-20:]
