@@ -19,6 +19,7 @@ class Actor:
 
     actor_name: ClassVar[str] = ""
     kind: ClassVar[str] = "actor"
+    _nalar_instance: str = ""  # set by the hosting node: this instance's id
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -27,10 +28,10 @@ class Actor:
         check_token(cls.actor_name, "actor name")
 
     def on_start(self) -> None:
-        """Called once in the hosting node before the first call."""
+        """Called once in the hosting node before the first call (may be ``async def``)."""
 
     def on_stop(self) -> None:
-        """Called once when the hosting node stops."""
+        """Called once when the hosting node stops (may be ``async def``)."""
 
 
 class Agent(Actor):
@@ -49,6 +50,17 @@ class Model(Actor):
     """A model: wraps an LLM engine (vLLM, an OpenAI-compatible server, a simulation)."""
 
     kind = "model"
+
+
+async def run_hook(fn: Any) -> None:
+    """Run ``on_start``/``on_stop``: ``async def`` on the node's loop (engines that need it, such as an
+    async LLM engine), plain ``def`` on a worker thread so a slow set-up does not stall the loop."""
+    if inspect.iscoroutinefunction(fn):
+        await fn()
+    else:
+        import asyncio
+
+        await asyncio.get_running_loop().run_in_executor(None, fn)
 
 
 def actor_name(target: Any) -> str:

@@ -11,6 +11,7 @@ answers the policy actor's metrics requests with a compact summary of its queues
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections import OrderedDict
@@ -19,10 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..bus import envelope as env
 from ..state import keys as state_keys
+from .base import run_hook
 
 if TYPE_CHECKING:
     from .node import ActorGroup, Call, Instance
 
+_KEEP: set[asyncio.Task[None]] = set()  # on_stop tasks still running (the loop keeps only weak refs)
 log = logging.getLogger("nalar.control")
 #: Queued sessions each actor reports per metrics round (those first in line), for head-of-line
 #: migration and the priority policies.
@@ -283,7 +286,7 @@ class Controller:
 
         try:
             inst = self._new_instance(g)
-            await asyncio.get_running_loop().run_in_executor(None, inst.obj.on_start)
+            await run_hook(inst.obj.on_start)
             if g.has_sync:
                 inst.host = _Host.start(self, inst)  # type: ignore[arg-type]
         except Exception as e:
@@ -333,15 +336,20 @@ class Controller:
             g.instances.remove(inst)
         self._instances.pop(inst.id, None)
         self.control["killed"] += 1
-        if inst.host is not None:
+        if inst.host is not None and not inspect.iscoroutinefunction(inst.obj.on_stop):
             inst.host.stop(block=False)
         else:
-            def stop() -> None:
+            if inst.host is not None:
+                inst.host.stop(block=False)  # its on_stop is async: run below, on the loop
+
+            async def stop() -> None:
                 try:
-                    inst.obj.on_stop()
+                    await run_hook(inst.obj.on_stop)
                 except Exception:
                     log.exception("%s.on_stop failed", inst.id)
-            asyncio.get_running_loop().run_in_executor(None, stop)
+            task = asyncio.get_running_loop().create_task(stop())
+            _KEEP.add(task)
+            task.add_done_callback(_KEEP.discard)
 
     # -- metrics -----------------------------------------------------------------------------------
     def _note_failure(self, session: str) -> None:

@@ -17,19 +17,23 @@ op                                                       meaning
 ``["migrate", id, session, actor, src, dst]``            move queued calls (and state) src -> dst
 ``["scale", node, actor, count|null, [drain ids]]``      desired instance count of actor on node
 ``["instance", instance, node|null]``                    where an instance lives (for callers)
+``["sticky", actor, [instance, ...]|null]``              static binding: a session's calls to ``actor``
+                                                         go to the instance its id hashes to; other
+                                                         calls go round-robin (bound on arrival)
 =======================================================  =============================================
 """
 from __future__ import annotations
 
 import bisect
 import random
+import zlib
 from typing import Any
 
 from ..bus.errors import MalformedMessage
 
 #: Session routes (hard and soft) kept at most, per table; the oldest go first. A bound, not a target.
 MAX_SESSION_ROUTES = 200_000
-OPS = ("route", "affinity", "weights", "priority", "migrate", "scale", "instance")
+OPS = ("route", "affinity", "weights", "priority", "migrate", "scale", "instance", "sticky")
 
 
 def _str(v: Any, what: str) -> str:
@@ -47,7 +51,7 @@ def check_op(op: Any) -> list[Any]:
     if not isinstance(op, list) or not op or op[0] not in OPS:
         raise MalformedMessage(f"decision op must be a list starting with one of {OPS}, not {op!r:.80}")
     kind = op[0]
-    n = {"route": 4, "affinity": 4, "weights": 3, "priority": 4, "migrate": 6, "scale": 5, "instance": 3}[kind]
+    n = {"route": 4, "affinity": 4, "weights": 3, "priority": 4, "migrate": 6, "scale": 5, "instance": 3, "sticky": 3}[kind]
     if len(op) != n:
         raise MalformedMessage(f"decision op {kind!r} has {len(op)} fields, not {n}")
     if kind in ("route", "affinity"):
@@ -72,6 +76,11 @@ def check_op(op: Any) -> list[Any]:
             raise MalformedMessage("scale count must be an int >= 0 or null")
         if not isinstance(op[4], list) or not all(isinstance(x, str) for x in op[4]):
             raise MalformedMessage("scale drain must be a list of instance ids")
+    elif kind == "sticky":
+        _str(op[1], "actor")
+        if op[2] is not None and (not isinstance(op[2], list) or not op[2] or
+                                  not all(isinstance(x, str) for x in op[2])):
+            raise MalformedMessage("sticky instances must be a non-empty list of instance ids, or null")
     else:
         _str(op[1], "instance"), _opt_str(op[2], "node")
     return op
@@ -80,7 +89,8 @@ def check_op(op: Any) -> list[Any]:
 class DecisionTable:
     """The routing table, priorities and desired instance counts in force in this process."""
 
-    def __init__(self) -> None:
+    def __init__(self, here: str | None = None) -> None:
+        self.here = here  # this process's node name, if it is a node (round-robin binds among its own)
         self.version = 0
         self.instances: dict[str, str] = {}  # instance -> node
         self.routes: dict[str, dict[str, str]] = {}  # actor -> session -> instance (hard)
@@ -88,6 +98,8 @@ class DecisionTable:
         self.weights: dict[str, dict[str, float]] = {}  # actor -> instance -> weight
         self.priorities: dict[str, dict[str, int]] = {}  # session -> actor or "*" -> priority
         self.scale: dict[str, dict[str, tuple[int, list[str]]]] = {}  # node -> actor -> (count, drain)
+        self.sticky: dict[str, list[str]] = {}  # actor -> instances sessions hash onto (baseline binding)
+        self._rr: dict[str, int] = {}  # actor -> round-robin counter for unsessioned sticky calls
         self._node_pick: dict[str, tuple[list[str], list[float]]] = {}  # actor -> nodes, cumulative weights
         self.active = False  # anything that changes where a call goes?
         self.n_session_routes = 0
@@ -120,9 +132,10 @@ class DecisionTable:
 
     def _cleared_by(self, ops: list[list[Any]]) -> list[list[Any]]:
         """Ops clearing the weights, priorities and counts in force that the snapshot ``ops`` leave out."""
-        keep = {(op[0], op[1]) if op[0] == "weights" else (op[0], op[1], op[3]) if op[0] == "priority"
-                else (op[0], op[1], op[2]) for op in ops if op[0] in ("weights", "priority", "scale")}
+        keep = {(op[0], op[1]) if op[0] in ("weights", "sticky") else (op[0], op[1], op[3]) if op[0] == "priority"
+                else (op[0], op[1], op[2]) for op in ops if op[0] in ("weights", "priority", "scale", "sticky")}
         out: list[list[Any]] = [["weights", a, None] for a in self.weights if ("weights", a) not in keep]
+        out.extend(["sticky", a, None] for a in self.sticky if ("sticky", a) not in keep)
         for s, per_s in self.priorities.items():
             out.extend(["priority", s, None, None if k == "*" else k] for k in per_s
                        if ("priority", s, None if k == "*" else k) not in keep)
@@ -131,7 +144,7 @@ class DecisionTable:
         return out
 
     def reset(self) -> None:
-        self.__init__()  # type: ignore[misc]
+        self.__init__(self.here)  # type: ignore[misc]
 
     def apply_op(self, op: list[Any]) -> None:
         kind = op[0]
@@ -174,6 +187,11 @@ class DecisionTable:
                 per_n.pop(actor, None)
             else:
                 per_n[actor] = (count, list(drain))
+        elif kind == "sticky":
+            if op[2] is None:
+                self.sticky.pop(op[1], None)
+            else:
+                self.sticky[op[1]] = list(op[2])
         else:
             if op[2] is None:
                 self.instances.pop(op[1], None)
@@ -204,7 +222,8 @@ class DecisionTable:
                     total += per_node[n]
                     cum.append(total)
                 self._node_pick[actor] = (nodes, cum)
-        self.active = bool(self._node_pick or any(self.routes.values()) or any(self.affinity.values()))
+        self.active = bool(self._node_pick or self.sticky or any(self.routes.values())
+                           or any(self.affinity.values()))
 
     # -- reading -----------------------------------------------------------------------------------
     def node_for(self, actor: str, session: str | None) -> str | None:
@@ -222,6 +241,12 @@ class DecisionTable:
                 node = self.instances.get(inst)
                 if node is not None:
                     return node
+        st = self.sticky.get(actor)
+        if st:
+            if session is not None:
+                return self.instances.get(st[zlib.crc32(session.encode()) % len(st)])
+            n = self._rr[actor] = self._rr.get(actor, -1) + 1
+            return self.instances.get(st[n % len(st)])
         pick = self._node_pick.get(actor)
         if pick is None:
             return None
@@ -231,8 +256,14 @@ class DecisionTable:
         return nodes[bisect.bisect_left(cum, random.random() * cum[-1])]
 
     def instance_for(self, actor: str, session: str | None) -> tuple[str | None, bool]:
-        """The instance a session's call should bind to, and whether the route is hard."""
+        """The instance a call should bind to, and whether the route is hard."""
+        st = self.sticky.get(actor)
         if session is None:
+            if st and self.here is not None:  # round-robin among this node's instances of the list
+                mine = [i for i in st if self.instances.get(i) == self.here]
+                if mine:
+                    n = self._rr[actor] = self._rr.get(actor, -1) + 1
+                    return mine[n % len(mine)], True
             return None, False
         r = self.routes.get(actor)
         if r:
@@ -244,6 +275,8 @@ class DecisionTable:
             inst = a.get(session)
             if inst is not None:
                 return inst, False
+        if st:
+            return st[zlib.crc32(session.encode()) % len(st)], True
         return None, False
 
     def priority(self, session: str | None, actor: str, default: int) -> int:
@@ -264,6 +297,7 @@ class DecisionTable:
             for actor, per in table.items():
                 ops.extend([kind, s, actor, i] for s, i in per.items())
         ops.extend(["weights", a, dict(w)] for a, w in self.weights.items())
+        ops.extend(["sticky", a, list(x)] for a, x in self.sticky.items())
         for s, per_s in self.priorities.items():
             ops.extend(["priority", s, v, None if k == "*" else k] for k, v in per_s.items())
         for node, per_n in self.scale.items():
@@ -277,6 +311,7 @@ class DecisionTable:
             "session_routes": {a: len(p) for a, p in self.routes.items() if p},
             "affinity_routes": {a: len(p) for a, p in self.affinity.items() if p},
             "weights": self.weights,
+            "sticky": self.sticky,
             "priorities": len(self.priorities),
             "scale": {n: {a: c for a, (c, _) in per.items()} for n, per in self.scale.items() if per},
         }

@@ -11,6 +11,7 @@ its own thread) runs one call at a time; an instance with ``async def`` methods 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import re
 import secrets
@@ -32,7 +33,7 @@ from ..bus.errors import MalformedMessage, RemoteError, StateError
 from ..bus.subjects import check_token
 from ..state import keys as state_keys
 from ..state.managed import Txn, current_txn
-from .base import Actor, actor_name, public_methods
+from .base import Actor, actor_name, public_methods, run_hook
 from .context import current_call
 from .controller import Controller
 from .deadlines import DeadlineWheel
@@ -139,6 +140,8 @@ class _Host(pykka.ThreadingActor):
         self._inst = inst
 
     def on_stop(self) -> None:
+        if inspect.iscoroutinefunction(self._inst.obj.on_stop):
+            return  # the node runs an async on_stop on its loop
         try:
             self._inst.obj.on_stop()
         except Exception:
@@ -183,6 +186,7 @@ class Node(Controller):
                  max_queue: int = DEFAULT_MAX_QUEUE, state_dir: str | None = None) -> None:
         self.rt = runtime
         self.name = check_token(name or default_node_name(), "node name")
+        runtime.table.here = self.name  # sticky round-robin binds among this node's own instances
         self.max_queue = max_queue
         self.state_dir = state_dir
         self.sessions: Sessions | None = None
@@ -229,7 +233,10 @@ class Node(Controller):
     def _new_instance(self, g: ActorGroup) -> Instance:
         i = g.next_index
         g.next_index += 1
-        return Instance(f"{g.name}-{self.name}-{i}", g, g.cls(), g.hints.concurrency_for(g.has_async))
+        iid = f"{g.name}-{self.name}-{i}"
+        obj = g.cls()
+        obj._nalar_instance = iid  # lets an instance name itself (a model's completions say who served them)
+        return Instance(iid, g, obj, g.hints.concurrency_for(g.has_async))
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -249,7 +256,7 @@ class Node(Controller):
         for g in self.groups.values():
             for inst in g.instances:
                 try:
-                    await loop.run_in_executor(None, inst.obj.on_start)
+                    await run_hook(inst.obj.on_start)
                 except Exception as e:
                     raise RuntimeError(f"{inst.id}: on_start failed: {e!r}") from e
                 if g.has_sync:
@@ -339,9 +346,9 @@ class Node(Controller):
             for inst in g.instances:
                 if inst.host is not None:
                     stopping.append(inst.host.stop(block=False))
-                else:
+                if inst.host is None or inspect.iscoroutinefunction(inst.obj.on_stop):
                     try:
-                        inst.obj.on_stop()
+                        await run_hook(inst.obj.on_stop)
                     except Exception:
                         log.exception("%s.on_stop failed", inst.id)
         if stopping:  # all together, bounded: a method stuck forever leaves only a daemon thread behind
@@ -441,7 +448,7 @@ class Node(Controller):
         is_async = g.methods[c.method]
         table = self.rt.table
         inst: Instance | None = None
-        if table.active and c.session is not None:
+        if table.active and (c.session is not None or g.name in table.sticky):
             iid, hard = table.instance_for(g.name, c.session)
             if iid is not None:
                 inst = self._instances.get(iid)

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _nats_args(mg)
 
     bench = sub.add_parser("bench", help="benchmarks (see README)")
-    bench.add_argument("what", choices=["calls", "futures", "state", "control"])
+    bench.add_argument("what", choices=["calls", "futures", "state", "control", "analyst", "router", "swe"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     return p
 

@@ -165,6 +165,17 @@ class Actions:
             raise ValueError("a priority is an int (higher runs first)")
         self.ops.append(["priority", str(session), value, actor])
 
+    def sticky(self, actor: str, instances: list[str] | None) -> None:
+        """Static binding, as frameworks without a global scheduler do: each session's calls to
+        ``actor`` go to the instance its id hashes to (sessions never move), other calls round-robin;
+        calls are bound on arrival and wait for their instance. ``None`` ends it."""
+        if instances is not None:
+            if not instances:
+                raise ValueError("sticky(actor, instances): at least one instance")
+            for i in instances:
+                self._known(i)
+        self.ops.append(["sticky", actor, None if instances is None else list(instances)])
+
     def migrate(self, session: str, src: str, dst: str) -> None:
         """Move the session's queued calls (and, for a stateful actor, its state) from instance ``src``
         to instance ``dst``; its later calls go to ``dst`` too."""
@@ -263,6 +274,9 @@ class Actions:
                     continue
             elif kind == "priority":
                 if t.priorities.get(op[1], {}).get(op[3] or "*") == op[2]:
+                    continue
+            elif kind == "sticky":
+                if t.sticky.get(op[1]) == op[2]:
                     continue
             elif kind == "scale":
                 cur_s = t.scale.get(op[1], {}).get(op[2])

@@ -9,6 +9,8 @@ name               what it does
 ``srtf``           later workflow stages first (shortest remaining time first, approximately)
 ``lpt``            re-entering jobs (sessions with failed calls, retries) first
 ``affinity``       sends a session back to the model instance that served it (its KV cache)
+``sticky``         the baseline: sessions pinned to an instance by hash, others round-robin, FCFS
+``proportional``   shares a node's model slots between model actors in proportion to their demand
 =================  ===========================================================================
 """
 from __future__ import annotations
@@ -159,5 +161,60 @@ class CacheAffinity(Policy):
                 act.affinity(s, a, None)
 
 
-BUILTIN: dict[str, type[Policy]] = {p.name: p for p in (LoadBalance, HeadOfLine, Reassign, SRTF, LPT, CacheAffinity)}
+class Proportional(Policy):
+    """Model slots (GPUs) follow demand: the model actors of a deployment share their instances in
+    proportion to the calls each has in the system (running + queued), each keeping ``min_instances``
+    (at least 1). One slot moves per round at most, drained first, then started for the hungrier model
+    on the same node; a moved actor waits ``cooldown_rounds`` before it moves again."""
+
+    name = "proportional"
+
+    def __init__(self, cooldown_rounds: int = 5, min_demand: int = 4) -> None:
+        self.cooldown = cooldown_rounds
+        self.min_demand = min_demand
+        self._last: dict[str, int] = {}
+
+    def decide(self, view: View, act: Actions) -> None:
+        models = [a for a in view.actors.values() if a.kind == "model"]
+        demand = {a.name: a.running + a.queued for a in models}
+        total = sum(demand.values())
+        if len(models) < 2 or total < self.min_demand:
+            return
+        slots = sum(len(a.live()) for a in models)
+        want = {a.name: max(1, a.min_instances, round(slots * demand[a.name] / total)) for a in models}
+        have = {a.name: len(a.live()) for a in models}
+        ready = [a for a in models if view.round - self._last.get(a.name, -10**9) >= self.cooldown]
+        hungry = sorted((a for a in ready if have[a.name] < want[a.name]),
+                        key=lambda a: have[a.name] - want[a.name])
+        spare = sorted((a for a in ready if have[a.name] > want[a.name]), key=lambda a: want[a.name] - have[a.name])
+        for h in hungry:
+            for c in spare:
+                victims = sorted((i for i in c.live() if h.name in (view.metrics[i.node].get("actors") or {})),
+                                 key=lambda i: i.running + i.queued)
+                for v in victims:
+                    if act.can_kill(v.id) and act.can_provision(h.name, v.node):
+                        act.kill(v.id)
+                        act.provision(h.name, v.node)
+                        self._last[h.name] = self._last[c.name] = view.round
+                        return
+
+
+class Sticky(Policy):
+    """The baseline's binding, for comparisons: what agent frameworks without a global scheduler do.
+
+    Every actor's sessions are pinned to one instance by a hash of the session id (first GPU, forever:
+    no migration), other calls go round-robin, each bound on arrival to its instance's FIFO queue. Run
+    it alone: with no priority policy, queues are first come, first served."""
+
+    name = "sticky"
+
+    def decide(self, view: View, act: Actions) -> None:
+        for actor in view.actors.values():
+            live = sorted(i.id for i in actor.live())
+            if live:
+                act.sticky(actor.name, live)
+
+
+BUILTIN: dict[str, type[Policy]] = {p.name: p for p in (LoadBalance, HeadOfLine, Reassign, SRTF, LPT, CacheAffinity,
+                                                       Proportional, Sticky)}
 DEFAULT = ("balance", "head-of-line", "affinity")

@@ -11,6 +11,10 @@ def main(what: str, argv: list[str]) -> int:
         from .bench_control import main as run
     elif what == "state":
         from .bench_state import main as run
+    elif what in ("analyst", "router", "swe"):
+        from .bench_workload import main as run_workload
+
+        return run_workload(argv, what)
     else:
         raise ValueError(f"unknown benchmark {what!r}")
     return run(argv)
