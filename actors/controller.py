@@ -393,7 +393,7 @@ class Controller:
             if g.fresh:
                 a["recent"] = g.fresh
                 g.fresh = []
-            stats = _engine_stats(g)
+            stats = engine_stats(g)
             if stats is not None:
                 a["engine"] = stats
             actors[g.name] = a
@@ -423,7 +423,7 @@ def _heap_top(heap: list[list[Any]], k: int) -> list[list[Any]]:
     return out
 
 
-def _engine_stats(g: ActorGroup) -> dict[str, Any] | None:
+def engine_stats(g: ActorGroup) -> dict[str, Any] | None:
     """Model engine stats (running, waiting, KV use) from instances that offer ``engine_stats()``."""
     out: dict[str, Any] = {}
     for inst in g.instances:

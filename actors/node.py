@@ -35,7 +35,7 @@ from ..state import keys as state_keys
 from ..state.managed import Txn, current_txn
 from .base import Actor, actor_name, public_methods, run_hook
 from .context import current_call
-from .controller import Controller
+from .controller import Controller, engine_stats
 from .deadlines import DeadlineWheel
 from .future import Future
 from .hints import Hints, hints_of
@@ -789,6 +789,9 @@ class Node(Controller):
                                "handled": i.handled, "weight": i.weight, "draining": i.draining}
                               for i in g.instances],
             }
+            eng = engine_stats(g)
+            if eng:
+                actors[g.name]["engine"] = eng
         return {
             "node": self.name, "pid": os.getpid(), "host": socket.gethostname(), "namespace": self.rt.subjects.ns,
             "uptime_s": round(time.time() - self.started, 3), "actors": actors,

@@ -164,12 +164,22 @@ def _print_status(nodes: list[dict[str, Any]], policy: dict[str, Any] | None = N
         for name, a in sorted(n["actors"].items()):
             print(f"  {name:<16} {a['kind']:<6} {len(a['instances']):>4} {a['running']:>7} {a['queued']:>6} "
                   f"{a['done']:>8} {a['failed']:>6}")
+            for iid, st in sorted((a.get("engine") or {}).items()):
+                if "error" in st:
+                    print(f"    engine {iid}: stats failed: {st['error']}")
+                    continue
+                sim = f" (simulated: {st['simulated']})" if st.get("simulated") else ""
+                print(f"    engine {iid}: running {st.get('running', 0)}, waiting {st.get('waiting', 0)}, "
+                      f"KV {100 * float(st.get('kv_usage', 0)):.0f}%, prefix hits "
+                      f"{100 * float(st.get('prefix_hit_rate', 0)):.0f}%{sim}")
 
 
 def _print_decisions(d: dict[str, Any]) -> None:
     print(f"  decisions in force: v{d['version']}")
     for actor, w in sorted(d.get("weights", {}).items()):
         print(f"    route {actor}: " + ", ".join(f"{i} x{x:g}" for i, x in sorted(w.items())))
+    for actor, insts in sorted(d.get("sticky", {}).items()):
+        print(f"    sticky {actor}: sessions hashed onto {len(insts)} instances, others round-robin")
     for kind in ("session_routes", "affinity_routes"):
         for actor, n in sorted(d.get(kind, {}).items()):
             print(f"    {kind.replace('_', ' ')} {actor}: {n} sessions")

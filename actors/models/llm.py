@@ -55,8 +55,11 @@ class LLM(Model):
     async def chat(self, messages: list[dict[str, str]], **params: Any) -> dict[str, Any]:
         """Answer a chat (a list of ``{"role", "content"}``), formatted with the engine's template."""
         eng = self._eng()
-        prompt = eng.format_chat(check_messages(messages))
-        c = await eng.generate(check_prompt(prompt), SamplingParams.from_kwargs(params), current_session())
+        msgs, sp = check_messages(messages), SamplingParams.from_kwargs(params)
+        chat = getattr(eng, "chat", None)  # an engine whose server applies the template (OpenAI's /chat)
+        if chat is not None:
+            return self._done(await chat(msgs, sp, current_session()))
+        c = await eng.generate(check_prompt(eng.format_chat(msgs)), sp, current_session())
         return self._done(c)
 
     def engine_stats(self) -> dict[str, Any]:

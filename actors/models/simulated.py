@@ -233,6 +233,15 @@ class SimEngine(Engine):
             budget -= s.prefill_left
 
     async def _run(self) -> None:
+        try:
+            await self._steps_forever()
+        except Exception as e:  # a bug here must not leave callers waiting forever
+            for s in self._all():
+                if not s.fut.done():
+                    s.fut.set_exception(RuntimeError(f"the simulated engine failed: {e!r}"))
+            raise
+
+    async def _steps_forever(self) -> None:
         loop = asyncio.get_running_loop()
         p = self.p
         while True:
@@ -261,6 +270,7 @@ class SimEngine(Engine):
             step = self._step
             now = time.monotonic()
             self._ctx += decoding
+            done_prefill = [s for s in done_prefill if s in self._prefilling]  # (minus those cancelled)
             for s in done_prefill:  # the prefill step also samples the first token
                 self._prefilling.remove(s)
                 s.ttft = now
