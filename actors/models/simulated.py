@@ -181,8 +181,8 @@ class SimEngine(Engine):
         """Prompt tokens already in the cache: the common prefix with the session's cached text."""
         if s.session is None or s.session not in self._cache:
             return 0
-        text, tokens = self._cache.pop(s.session)  # in use now: not evictable, not counted as cache
-        self._cache_tokens -= tokens
+        text, _ = self._cache[s.session]  # (concurrent calls of the session all share it, as blocks are)
+        self._cache.move_to_end(s.session)
         a, b = s.prompt, text
         lo, hi = 0, min(len(a), len(b))
         while lo < hi:  # longest common prefix by bisection on C-level slice compares
