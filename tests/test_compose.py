@@ -50,6 +50,22 @@ def test_docker_compose_config_accepts_the_file() -> None:
     assert SERVICES <= set(config["services"]), r.stdout
 
 
+def test_the_vllm_service_needs_the_gpu_profile() -> None:
+    vllm = _load()["services"]["vllm"]
+    assert vllm["profiles"] == ["gpu"]  # plain `docker-compose up` leaves it out
+    assert vllm["image"].startswith("vllm/vllm-openai")
+    assert 8000 in _published(vllm) and "healthcheck" in vllm
+    (device,) = vllm["deploy"]["resources"]["reservations"]["devices"]
+    assert "gpu" in device["capabilities"]
+    assert "--model" in vllm["command"] and "build" not in vllm  # not one of the nalar services run below
+    exe = shutil.which("docker-compose")
+    if exe is not None:
+        r = subprocess.run([exe, "-f", str(COMPOSE), "--profile", "gpu", "config"], cwd=REPO, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "vllm" in yaml.safe_load(r.stdout)["services"]
+
+
 def test_compose_services_and_node_commands_serve_the_demo(nats_url: str, namespace: str, client: Any) -> None:
     services = _load()["services"]
     assert SERVICES <= set(services)

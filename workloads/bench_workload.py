@@ -175,7 +175,7 @@ async def run_config(wl: WorkloadSpec, config: str, url: str, ns: str, rps: floa
             bar.close()
         stop.set()
         await looping
-        res.extra = await _deployment_stats(actor)
+        res.extra = await _deployment_stats(actor, names)
     finally:
         stop.set()
         await actor.stop()
@@ -185,24 +185,25 @@ async def run_config(wl: WorkloadSpec, config: str, url: str, ns: str, rps: floa
     return res
 
 
-async def _deployment_stats(actor: Any) -> dict[str, Any]:
-    """What the policies did and what the model engines saw, from the nodes' metrics."""
-    m = await actor.collect()
+async def _deployment_stats(actor: Any, names: list[str]) -> dict[str, Any]:
+    """What the policies did and what the model engines saw, from each node's status."""
+    rt = actor.rt
+    nodes = await asyncio.gather(*(rt.transport_request(rt.subjects.node(n), {"op": "status"}, 10) for n in names))
     hit: list[float] = []
     moved = provisioned = killed = 0
-    for node in m.values():
+    for node in nodes:
         for a in (node.get("actors") or {}).values():
             for st in (a.get("engine") or {}).values():
                 if isinstance(st, dict) and "prefix_hit_rate" in st:
                     hit.append(float(st["prefix_hit_rate"]))
-    for node in m.values():
         c = node.get("control") or {}
         moved += int(c.get("migrated", 0))
         provisioned += int(c.get("provisioned", 0))
         killed += int(c.get("killed", 0))
     st = actor.status()
     return {"prefix_hit_rate": round(statistics.fmean(hit), 3) if hit else None, "migrated": moved,
-            "provisioned": provisioned, "killed": killed, "policy_rounds": st.get("rounds")}
+            "provisioned": provisioned, "killed": killed, "policy_rounds": st.get("rounds"),
+            "policy_errors": st.get("errors") or {}, "refused": len(st.get("refused") or [])}
 
 
 def _progress(total: int, desc: str, a: argparse.Namespace) -> Any:

@@ -26,9 +26,9 @@ class AnalystLLM(nalar.models.LLM):
 
 
 class ClassifierLLM(nalar.models.LLM):
-    """The router's light classifier (short outputs)."""
+    """The router's light classifier (short outputs): a 1B model."""
 
-    engine = ENGINE
+    engine = "sim:llama3-1b-a100"
 
 
 class ChatLLM(nalar.models.LLM):
@@ -43,8 +43,13 @@ class CoderLLM(nalar.models.LLM):
     engine = ENGINE
 
 
+@nalar.hints(max_concurrency=32)
 class SweLLM(nalar.models.LLM):
-    """The software company's pool: product manager, architect, engineers and QA share it."""
+    """The software company's pool: product manager, architect, engineers and QA share it.
+
+    An instance hands its engine at most 32 calls at once: past that the engine's batch would only
+    stretch every call's decode, so further calls wait in the node's priority queue, where the
+    policies decide which project's call goes next (both configurations have the same limit)."""
 
     engine = ENGINE
 

@@ -17,7 +17,7 @@ so at least 90% of the load lands on one branch, as in the production traces the
 
 Every node gets the same static share of "GPUs" (one instance each of ClassifierLLM, ChatLLM and
 CoderLLM); the nalar configuration may move instances from the idle branch's pool to the hot one
-(``reassign``), the baseline cannot. The second call of each branch extends the first one's prompt, so
+(``proportional``), the baseline cannot. The second call of each branch extends the first one's prompt, so
 it finds its prefix cached when it runs where the first did.
 """
 from __future__ import annotations
@@ -35,10 +35,10 @@ from .tools import DocRetrieval
 
 #: Output tokens per LLM call.
 CLASSIFY_TOKENS = 4
-CHAT_DRAFT_TOKENS = 256
-CHAT_REFINE_TOKENS = 192
-CODE_PLAN_TOKENS = 128
-CODE_WRITE_TOKENS = 320
+CHAT_DRAFT_TOKENS = 160
+CHAT_REFINE_TOKENS = 96
+CODE_PLAN_TOKENS = 64
+CODE_WRITE_TOKENS = 160
 #: Documentation passages the coding agent reads.
 DOC_PASSAGES = 3
 #: Share of requests labelled ``chat`` unless ``$NALAR_ROUTER_SKEW`` says otherwise.
@@ -181,9 +181,9 @@ WORKLOAD = WorkloadSpec(
             "branch mix skewed by $NALAR_ROUTER_SKEW (default 90% chat); equal static GPUs per branch",
     entry="Router.route",
     nodes=[list(NODE), list(NODE)],
-    policies=("balance", "reassign", "head-of-line"),
+    policies=("balance", "proportional", "affinity"),
     sessions=sessions,
-    default_rps=8.0,
+    default_rps=80.0,
     default_duration=60.0,
     timeout_s=600.0,
 )

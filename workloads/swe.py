@@ -318,7 +318,7 @@ WORKLOAD = WorkloadSpec(
             "reviews that fail and re-enter tasks -> final QA; one shared LLM pool",
     entry="Company.build",
     nodes=[list(NODE), list(NODE)],
-    policies=("balance", "lpt", "head-of-line", "affinity"),
+    policies=("balance", "srtf", "lpt", "head-of-line", "affinity"),
     sessions=sessions,
     default_rps=1.0,
     default_duration=120.0,

@@ -19,11 +19,11 @@ import tempfile
 from pathlib import Path
 
 #: Bumped whenever what is written changes, so an old directory is remade rather than reused.
-VERSION = 1
+VERSION = 3
 VOCAB_SIZE = 1024
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+CHAT_TEMPLATE = (  # Llama-style: the template starts with BOS (vLLM's chat path adds no special tokens)
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
@@ -81,7 +81,7 @@ def _config(vocab: int, bos_id: int, eos_id: int) -> dict[str, object]:
         "num_key_value_heads": 4,
         "head_dim": 32,  # vLLM's CPU attention supports head sizes from 32 up
         "hidden_act": "silu",
-        "max_position_embeddings": 2048,
+        "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "tie_word_embeddings": False,
@@ -117,7 +117,7 @@ def make_tiny_model(path: str | os.PathLike[str]) -> str:
         "tokenizer_config.json": json.dumps({
             "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
             "pad_token": PAD, "unk_token": None, "add_bos_token": True, "add_eos_token": False,
-            "clean_up_tokenization_spaces": False, "model_max_length": 2048, "chat_template": CHAT_TEMPLATE,
+            "clean_up_tokenization_spaces": False, "model_max_length": 4096, "chat_template": CHAT_TEMPLATE,
             "added_tokens_decoder": {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
                                               "normalized": False, "single_word": False}
                                      for t, i in ((BOS, bos_id), (EOS, eos_id), (PAD, pad_id))},

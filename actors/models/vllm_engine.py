@@ -19,7 +19,7 @@ import itertools
 import logging
 import os
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncGenerator, AsyncIterator, Callable
 
 from .api import Completion, Engine, EngineStats, SamplingParams, now_ms
 
@@ -47,9 +47,11 @@ class VllmEngine(Engine):
         self._kv_usage = 0.0
         self._peak_running = 0
         self._stat_updates = 0
+        self._generated = 0
         self._prompt_tokens = 0
         self._cached_tokens = 0
         self._requests = 0
+        self._aborted = 0
 
     # -- life cycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -65,7 +67,7 @@ class VllmEngine(Engine):
             engine_args = AsyncEngineArgs(model=self.model, **args)
         except TypeError as e:
             raise ValueError(f"bad vLLM engine argument for {self.model}: {e}") from None
-        loggers = [_stat_logger_factory(self._on_scheduler_stats)]
+        loggers = [_stat_logger_factory(self._on_stats)]
         try:
             # Building the engine blocks (the engine core loads the model and profiles memory); a
             # thread keeps the node's loop serving meanwhile. AsyncLLM binds to the loop of its first
@@ -89,7 +91,7 @@ class VllmEngine(Engine):
         await asyncio.to_thread(llm.shutdown)
 
     # -- generation --------------------------------------------------------------------------------
-    def _sampling(self, params: SamplingParams, delta: bool = True) -> Any:
+    def _sampling(self, params: SamplingParams) -> Any:
         from vllm import SamplingParams as VSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -97,7 +99,7 @@ class VllmEngine(Engine):
             return VSamplingParams(
                 max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                 seed=params.seed, stop=list(params.stop) or None, ignore_eos=params.ignore_eos,
-                output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY)
+                output_kind=RequestOutputKind.DELTA)  # each output carries only the new tokens
         except Exception as e:
             raise ValueError(f"vLLM refused the sampling parameters: {e}") from None
 
@@ -106,7 +108,7 @@ class VllmEngine(Engine):
             raise RuntimeError(f"the vLLM engine for {self.model!r} is not running")
         return self._llm
 
-    async def _outputs(self, prompt: str, params: SamplingParams) -> AsyncIterator[tuple[str, Any]]:
+    async def _outputs(self, prompt: str, params: SamplingParams) -> AsyncGenerator[tuple[str, Any], None]:
         """(text delta, RequestOutput) pairs of one request; aborts it in vLLM if the caller goes away."""
         llm = self._need()
         limit = self._max_model_len
@@ -117,8 +119,9 @@ class VllmEngine(Engine):
         rid = f"{self._prefix}-{next(self._ids)}"
         self._in_flight += 1
         done = checked = False
+        outputs = llm.generate(prompt, sp, rid)
         try:
-            async for out in llm.generate(prompt, sp, rid):
+            async for out in outputs:
                 if not checked and out.prompt_token_ids is not None:
                     # As vLLM's OpenAI server does: refuse what cannot fit rather than cut it short
                     # (workloads ask for exact lengths). Known after tokenization; the prefill is spent.
@@ -138,11 +141,14 @@ class VllmEngine(Engine):
             if not done:
                 # Cancelled (deadline, caller's cancel) or failed: make sure the engine drops it.
                 # vLLM's generator aborts on cancellation too; aborting an unknown id is a no-op.
-                self._abort_later(llm, rid)
+                self._abort_later(llm, rid, outputs)
 
-    def _abort_later(self, llm: Any, rid: str) -> None:
+    def _abort_later(self, llm: Any, rid: str, outputs: Any) -> None:
+        self._aborted += 1
+
         async def abort() -> None:
             try:
+                await outputs.aclose()  # a generator we left mid-way aborts its request on close
                 await llm.abort(rid)
             except Exception:
                 log.debug("abort of %s failed", rid, exc_info=True)
@@ -217,7 +223,9 @@ class VllmEngine(Engine):
             text = text[len(bos):]
         return str(text)
 
-    def _on_scheduler_stats(self, stats: Any) -> None:
+    def _on_stats(self, stats: Any, iteration: Any) -> None:
+        if iteration is not None:
+            self._generated += int(getattr(iteration, "num_generation_tokens", 0) or 0)
         if stats is None:
             return
         self._stat_updates += 1
@@ -233,10 +241,16 @@ class VllmEngine(Engine):
         requests this engine has in flight, so a stale scheduler report never shows phantom work."""
         n = self._in_flight
         running = min(self._sched_running, n)
+        try:  # requests the engine still holds (the output processor's count): cheap, in-process
+            unfinished = int(self._llm.get_num_unfinished_requests()) if self._llm is not None else 0
+        except Exception:
+            unfinished = -1
         return EngineStats(
             running=running, waiting=n - running, kv_usage=self._kv_usage if n else 0.0,
             prefix_hit_rate=self._cached_tokens / self._prompt_tokens if self._prompt_tokens else 0.0,
-            extra={"in_flight": n, "peak_running": self._peak_running, "requests": self._requests,
+            extra={"in_flight": n, "unfinished": unfinished, "peak_running": self._peak_running,
+                   "requests": self._requests, "aborted": self._aborted,
+                   "generated_tokens": self._generated, "scheduler_running": self._sched_running,
                    "scheduler_waiting": self._sched_waiting, "stat_updates": self._stat_updates})
 
 
@@ -245,8 +259,9 @@ def _finish(reason: str | None) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def _stat_logger_factory(sink: Callable[[Any], None]) -> Callable[..., Any]:
-    """A per-engine ``StatLoggerFactory`` whose logger hands each ``SchedulerStats`` to ``sink``."""
+def _stat_logger_factory(sink: Callable[[Any, Any], None]) -> Callable[..., Any]:
+    """A per-engine ``StatLoggerFactory`` whose logger hands each ``SchedulerStats`` and
+    ``IterationStats`` to ``sink``."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class _Recorder(StatLoggerBase):
@@ -255,7 +270,7 @@ def _stat_logger_factory(sink: Callable[[Any], None]) -> Callable[..., Any]:
 
         def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
                    engine_idx: int = 0) -> None:
-            sink(scheduler_stats)
+            sink(scheduler_stats, iteration_stats)
 
         def log_engine_initialized(self) -> None:
             pass
