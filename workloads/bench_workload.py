@@ -94,8 +94,19 @@ class RunResult:
         }
 
 
+#: ``--engine vllm:tiny``: the locally made tiny Llama (dummy weights) on vLLM, as the CPU tests run it.
+TINY_ARGS = {"load_format": "dummy", "enforce_eager": True, "max_model_len": 16384}
+
+
 def _engine_env(engine: str, speed: float) -> dict[str, str]:
     env: dict[str, str] = {}
+    if engine == "vllm:tiny":
+        from ..actors.models.tiny import make_tiny_model
+        from ..bus.discovery import home
+
+        engine = "vllm:" + make_tiny_model(home() / "tiny-llama")
+        env["NALAR_LLM_ARGS"] = os.environ.get("NALAR_LLM_ARGS") or orjson.dumps(TINY_ARGS).decode()
+        env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
     if engine != "sim":
         env["NALAR_LLM"] = engine
     if speed != 1.0:
@@ -284,7 +295,9 @@ def main(argv: list[str], name: str) -> int:
     p.add_argument("--duration", type=float, default=wl.default_duration, help="seconds of arrivals per run")
     p.add_argument("--compare", action="store_true", help="run nalar and the baseline configuration at every rate")
     p.add_argument("--config", choices=CONFIGS, default="nalar", help="the one configuration to run without --compare")
-    p.add_argument("--engine", default="sim", help="sim[:PROFILE] (default), vllm:MODEL or openai:URL")
+    p.add_argument("--engine", default="sim",
+                   help="sim[:PROFILE] (default), vllm:MODEL, vllm:tiny (a tiny local model, dummy weights: runs "
+                        "on a CPU), or openai:URL; options in $NALAR_LLM_ARGS (JSON)")
     p.add_argument("--speed", type=float, default=1.0, help="simulated engine only: divide its times by this")
     p.add_argument("--interval", type=float, default=0.25, help="policy round interval, seconds (default 0.25)")
     p.add_argument("--seed", type=int, default=1)

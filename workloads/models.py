@@ -43,7 +43,7 @@ class CoderLLM(nalar.models.LLM):
     engine = ENGINE
 
 
-@nalar.hints(max_concurrency=32)
+@nalar.hints(max_concurrency=8)
 class SweLLM(nalar.models.LLM):
     """The software company's pool: product manager, architect, engineers and QA share it.
 

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 #: Bumped whenever what is written changes, so an old directory is remade rather than reused.
-VERSION = 3
+VERSION = 4
 VOCAB_SIZE = 1024
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 CHAT_TEMPLATE = (  # Llama-style: the template starts with BOS (vLLM's chat path adds no special tokens)
@@ -81,7 +81,7 @@ def _config(vocab: int, bos_id: int, eos_id: int) -> dict[str, object]:
         "num_key_value_heads": 4,
         "head_dim": 32,  # vLLM's CPU attention supports head sizes from 32 up
         "hidden_act": "silu",
-        "max_position_embeddings": 4096,
+        "max_position_embeddings": 16384,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "tie_word_embeddings": False,

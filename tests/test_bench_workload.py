@@ -1,0 +1,50 @@
+"""``nalar bench WORKLOAD`` end to end, small and fast: both configurations, the JSON line, the files.
+
+Real node processes, a real embedded nats-server and the simulated engine at 20x its profile's speed.
+What is asserted is the harness's contract (every turn accounted for, the last line's fields, plots
+written, the baseline's static binding and nalar's policies in force), not latency: that belongs to
+the benchmark runs quoted in the README.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import node_env
+
+FIELDS = {"p50_ms", "p95_ms", "p99_ms", "mean_ms", "throughput_rps", "failed"}
+
+
+@pytest.mark.timeout(240)
+def test_bench_router_compare_prints_one_json_line_and_writes_results(tmp_path: Path):
+    out = tmp_path / "res"
+    p = subprocess.run([sys.executable, "-m", "nalar.cli.main", "bench", "router", "--rps", "6", "--duration", "2",
+                        "--compare", "--json", "--speed", "20", "--no-progress", "--out", str(out)],
+                       capture_output=True, text=True, timeout=220, env=node_env())
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    last = json.loads(p.stdout.strip().splitlines()[-1])
+    assert last["workload"] == "router" and last["rps"] == 6 and last["simulated"] is True
+    assert last["engine"].startswith("simulated:")
+    for config in ("nalar", "baseline"):
+        s = last[config]
+        assert FIELDS <= set(s), s
+        assert s["failed"] == 0 and s["completed"] == s["turns"] > 0, s
+        assert not s["policy_errors"], s
+    assert last["baseline"]["provisioned"] == 0  # the baseline never moves model instances
+    assert set(last["nalar_vs_baseline"]) >= {"p95_ms_lower_pct", "p99_ms_lower_pct", "speedup_mean"}
+    saved = json.loads((out / "result.json").read_text())
+    assert saved["rows"][-1]["nalar"]["completed"] == last["nalar"]["completed"]
+    assert len(saved["turns"]["nalar@6"]) == last["nalar"]["turns"]
+    assert (out / "cdf.png").stat().st_size > 1000 and (out / "latency_over_time.png").exists()
+
+
+def test_bench_refuses_bad_arguments_clearly():
+    for args, msg in ((["--rps", "0"], "rates must be > 0"), (["--sweep", "1,x"], "comma-separated"),
+                      (["--duration", "-1"], "--duration must be > 0")):
+        p = subprocess.run([sys.executable, "-m", "nalar.cli.main", "bench", "swe", *args],
+                           capture_output=True, text=True, timeout=60, env=node_env())
+        assert p.returncode == 2 and msg in p.stderr, p.stderr
