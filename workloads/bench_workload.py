@@ -129,7 +129,8 @@ async def _run_turns(stub: Any, method: str, s: Session, t_start: float, out: li
             await getattr(stub.options(session=s.id, timeout=timeout), method)(*turn.args)
             rec.latency_ms = (loop.time() - t0) * 1000
         except Exception as e:  # a failed turn ends its session: its follow-ups would have no context
-            rec.error = type(e).__name__
+            remote = getattr(e, "type", None)
+            rec.error = f"{type(e).__name__}{f' ({remote})' if remote else ''}: {str(e)[:160]}"
             done(len(s.turns) - k)
             return
         done(1)
@@ -149,7 +150,7 @@ async def run_config(wl: WorkloadSpec, config: str, url: str, ns: str, rps: floa
                     "--name", names[k], "--state-dir", os.path.join(tmp, names[k]), "--max-queue", "1000000"],
                    " ready on ", env=env, timeout=300) for k, node_specs in enumerate(specs)]
     client = await nalar.connect_async(url, ns)
-    policies = wl.policies if config == "nalar" else ("sticky",)
+    policies = (tuple(a.policies.split(",")) if a.policies else wl.policies) if config == "nalar" else ("sticky",)
     actor = PolicyActor(client.runtime, load_policies(",".join(policies)), interval=a.interval, collect_timeout=2.0)
     stop = asyncio.Event()
     res = RunResult(config, rps)
@@ -299,6 +300,9 @@ def main(argv: list[str], name: str) -> int:
                    help="sim[:PROFILE] (default), vllm:MODEL, vllm:tiny (a tiny local model, dummy weights: runs "
                         "on a CPU), or openai:URL; options in $NALAR_LLM_ARGS (JSON)")
     p.add_argument("--speed", type=float, default=1.0, help="simulated engine only: divide its times by this")
+    p.add_argument("--policies", default=None, metavar="LIST",
+                   help="the nalar configuration's policies, comma-separated (built-in names or module:Class); "
+                        "default: the workload's own")
     p.add_argument("--interval", type=float, default=0.25, help="policy round interval, seconds (default 0.25)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default=None, help="directory for result.json and plots (default bench-results/NAME-TIME)")

@@ -19,8 +19,13 @@ import nalar
 ENGINE = "sim:llama3-8b-a100"
 
 
+@nalar.hints(max_concurrency=32)
 class AnalystLLM(nalar.models.LLM):
-    """The financial analyst's one shared pool: specialists and the summariser all use it."""
+    """The financial analyst's one shared pool: specialists and the summariser all use it.
+
+    An instance hands its engine at most 32 calls at once (a latency-bound deployment); further calls
+    wait in the node's queue, where they can still go to another instance. Both configurations of
+    ``nalar bench analyst`` have the same limit."""
 
     engine = ENGINE
 
@@ -47,9 +52,10 @@ class CoderLLM(nalar.models.LLM):
 class SweLLM(nalar.models.LLM):
     """The software company's pool: product manager, architect, engineers and QA share it.
 
-    An instance hands its engine at most 32 calls at once: past that the engine's batch would only
-    stretch every call's decode, so further calls wait in the node's priority queue, where the
-    policies decide which project's call goes next (both configurations have the same limit)."""
+    An instance hands its engine at most 8 calls at once (a latency-bound deployment: each call
+    decodes at close to single-sequence speed); further calls wait in the node's priority queue, where
+    the scheduler, not the engine's FCFS, decides which project's call goes next. Both configurations
+    of ``nalar bench swe`` have the same limit."""
 
     engine = ENGINE
 
