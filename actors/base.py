@@ -27,10 +27,10 @@ class Actor:
             cls.actor_name = cls.__name__
         check_token(cls.actor_name, "actor name")
 
-    def on_start(self) -> None:
+    def on_start(self) -> Any:
         """Called once in the hosting node before the first call (may be ``async def``)."""
 
-    def on_stop(self) -> None:
+    def on_stop(self) -> Any:
         """Called once when the hosting node stops (may be ``async def``)."""
 
 

@@ -76,10 +76,10 @@ class RunResult:
         ok = [r for r in self.records if r.latency_ms is not None]
         lat = [r.latency_ms for r in ok if r.latency_ms is not None]
         failed = len(self.records) - len(ok)
-        by_arrival = sorted(ok, key=lambda r: r.arrival)
-        q = max(1, len(by_arrival) // 4)
-        first = statistics.median(r.latency_ms for r in by_arrival[:q]) if by_arrival else float("nan")  # type: ignore[type-var]
-        last = statistics.median(r.latency_ms for r in by_arrival[-q:]) if by_arrival else float("nan")  # type: ignore[type-var]
+        seq = [float(r.latency_ms) for r in sorted(ok, key=lambda r: r.arrival) if r.latency_ms is not None]
+        q = max(1, len(seq) // 4)
+        first = statistics.median(seq[:q]) if seq else 0.0
+        last = statistics.median(seq[-q:]) if seq else 0.0
         errors: dict[str, int] = {}
         for r in self.records:
             if r.error:
@@ -89,7 +89,7 @@ class RunResult:
             "p99_ms": round(pct(lat, 0.99), 1), "mean_ms": round(statistics.fmean(lat), 1) if lat else float("nan"),
             "throughput_rps": round(len(ok) / self.wall_s, 3) if self.wall_s else 0.0,
             "failed": failed, "completed": len(ok), "turns": len(self.records),
-            "trend": round(last / first, 2) if first and first == first else None,
+            "trend": round(last / first, 2) if first else None,
             "errors": errors, **self.extra,
         }
 
