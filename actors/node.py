@@ -459,6 +459,13 @@ class Node(Controller):
                         self._dispatch(inst, c)
                         return
                     inst = None
+                    # Its cache's instance is full and so is every other one here: rather than wait
+                    # behind this node's backlog, the call goes once to the actor's queue group, where
+                    # another node may have room (a soft route must not pile sessions onto one node).
+                    if (c.fwd is None and (g.shared or self._pick(g, is_async) is None)
+                            and self._hand_over(c, None)):
+                        self.counters["forwarded"] += 1
+                        return
         if inst is not None:
             if inst.queued == 0 and inst.has_room(is_async):
                 self._dispatch(inst, c)
