@@ -244,9 +244,8 @@ class DecisionTable:
         st = self.sticky.get(actor)
         if st:
             if session is not None:
-                return self.instances.get(st[zlib.crc32(session.encode()) % len(st)])
-            n = self._rr[actor] = self._rr.get(actor, -1) + 1
-            return self.instances.get(st[n % len(st)])
+                return self.instances.get(_hashed(st, session))
+            return self.instances.get(self._next(actor, st))
         pick = self._node_pick.get(actor)
         if pick is None:
             return None
@@ -262,8 +261,7 @@ class DecisionTable:
             if st and self.here is not None:  # round-robin among this node's instances of the list
                 mine = [i for i in st if self.instances.get(i) == self.here]
                 if mine:
-                    n = self._rr[actor] = self._rr.get(actor, -1) + 1
-                    return mine[n % len(mine)], True
+                    return self._next(actor, mine), True
             return None, False
         r = self.routes.get(actor)
         if r:
@@ -276,8 +274,13 @@ class DecisionTable:
             if inst is not None:
                 return inst, False
         if st:
-            return st[zlib.crc32(session.encode()) % len(st)], True
+            return _hashed(st, session), True
         return None, False
+
+    def _next(self, actor: str, insts: list[str]) -> str:
+        """Round-robin over ``insts`` (one counter per actor)."""
+        n = self._rr[actor] = self._rr.get(actor, -1) + 1
+        return insts[n % len(insts)]
 
     def priority(self, session: str | None, actor: str, default: int) -> int:
         if session is None or not self.priorities:
@@ -315,3 +318,8 @@ class DecisionTable:
             "priorities": len(self.priorities),
             "scale": {n: {a: c for a, (c, _) in per.items()} for n, per in self.scale.items() if per},
         }
+
+
+def _hashed(insts: list[str], session: str) -> str:
+    """The instance a session is pinned to by ``sticky``: a stable hash, the same in every process."""
+    return insts[zlib.crc32(session.encode()) % len(insts)]

@@ -117,6 +117,12 @@ class Engine(abc.ABC):
         c = await self.generate(prompt, params, session)
         yield c.text
 
+    async def chat(self, messages: list[dict[str, str]], params: SamplingParams,
+                   session: str | None = None) -> Completion:
+        """Answer a chat: by default ``format_chat`` then ``generate``; an engine whose server applies
+        the model's own template (OpenAI's ``/chat/completions``) overrides this."""
+        return await self.generate(check_prompt(self.format_chat(messages)), params, session)
+
     def format_chat(self, messages: list[dict[str, str]]) -> str:
         """A chat as one prompt. Engines with a tokenizer chat template override this."""
         return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"

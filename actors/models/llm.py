@@ -54,12 +54,7 @@ class LLM(Model):
 
     async def chat(self, messages: list[dict[str, str]], **params: Any) -> dict[str, Any]:
         """Answer a chat (a list of ``{"role", "content"}``), formatted with the engine's template."""
-        eng = self._eng()
-        msgs, sp = check_messages(messages), SamplingParams.from_kwargs(params)
-        chat = getattr(eng, "chat", None)  # an engine whose server applies the template (OpenAI's /chat)
-        if chat is not None:
-            return self._done(await chat(msgs, sp, current_session()))
-        c = await eng.generate(check_prompt(eng.format_chat(msgs)), sp, current_session())
+        c = await self._eng().chat(check_messages(messages), SamplingParams.from_kwargs(params), current_session())
         return self._done(c)
 
     def engine_stats(self) -> dict[str, Any]:
@@ -67,5 +62,5 @@ class LLM(Model):
         return self._engine.stats().to_dict() if self._engine is not None else {}
 
     def _done(self, c: Completion) -> dict[str, Any]:
-        c.instance = getattr(self, "_nalar_instance", "")
+        c.instance = self._nalar_instance
         return c.to_dict()
