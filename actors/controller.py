@@ -52,7 +52,7 @@ class Controller:
         _wheel: Any
 
         def _enqueue(self, c: Call) -> None: ...
-        def _push(self, c: Call, inst: Instance | None, seq: int = 0) -> None: ...
+        def _push(self, c: Call, inst: Instance | None, key: tuple[int, int] | None = None) -> None: ...
         def _unqueue(self, c: Call) -> None: ...
         def _queued_calls(self, g: ActorGroup) -> list[Call]: ...
         def _pump(self, inst: Instance) -> None: ...
@@ -114,6 +114,8 @@ class Controller:
             h[env.H_ATTEMPT] = str(c.attempt)
         if c.stage:
             h[env.H_STAGE] = str(c.stage)
+        if c.born:
+            h[env.H_BORN] = str(c.born)
         if c.traceparent:
             h[env.H_TRACEPARENT] = c.traceparent
         try:
@@ -197,12 +199,12 @@ class Controller:
 
     def _session_calls(self, g: ActorGroup, session: str) -> list[Call]:
         out = [c for c in self._queued_calls(g) if c.session == session]
-        out.sort(key=lambda c: c.qe[1] if c.qe is not None else 0)  # arrival order
+        out.sort(key=lambda c: c.qe[1] if c.qe is not None else (0, 0))  # queue order
         return out
 
     def _migrate(self, op: list[Any]) -> None:
         """``migrate(session, src, dst)``: queued calls go to ``dst`` (its route is already set)."""
-        _, mid, session, actor, src, dst = op
+        mid, session, actor, src, dst = op[1:6]
         g = self.groups.get(actor)
         if g is None:
             return
@@ -309,10 +311,10 @@ class Controller:
         """Stop giving ``inst`` calls; its queued calls go to the others; it stops when idle."""
         g = inst.group
         inst.draining = True
-        for _, seq, c in list(inst.heap):
+        for _, key, c in list(inst.heap):
             if c is not None:
                 self._unqueue(c)
-                self._push(c, None, seq)
+                self._push(c, None, key)
         inst.heap.clear()
         if inst.running == 0:
             self._retire(inst)
@@ -323,7 +325,7 @@ class Controller:
 
     async def _hand_off_group(self, g: ActorGroup) -> None:
         await self._unserve(g)
-        for c in sorted((e[2] for e in g.heap if e[2] is not None), key=lambda c: c.qe[1] if c.qe else 0):
+        for c in sorted((e[2] for e in g.heap if e[2] is not None), key=lambda c: c.qe[1] if c.qe else (0, 0)):
             if any(not i.draining for i in g.instances):
                 break  # provisioned again meanwhile
             self._unqueue(c)

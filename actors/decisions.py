@@ -11,20 +11,30 @@ so a policy actor restarted on an empty store still takes over.
 op                                                       meaning
 =======================================================  =============================================
 ``["route", session, actor, instance|null]``             hard session route (``null`` removes it)
-``["affinity", session, actor, instance|null]``          soft route: preferred while it has room
+``["affinity", session, actor, instance|null]``          soft route: the session's calls go to and wait
+                                                         for that instance (its cache) until the
+                                                         policy moves them
 ``["weights", actor, {instance: weight}|null]``          share of an actor's unrouted calls
 ``["priority", session, value|null, actor|null]``        priority of a session's calls (at ``actor``)
-``["migrate", id, session, actor, src, dst]``            move queued calls (and state) src -> dst
+``["migrate", id, session, actor, src, dst(, "soft")]``  move queued calls (and state) src -> dst; its
+                                                         later calls follow by a route (by affinity if
+                                                         ``"soft"``)
 ``["scale", node, actor, count|null, [drain ids]]``      desired instance count of actor on node
 ``["instance", instance, node|null]``                    where an instance lives (for callers)
 ``["sticky", actor, [instance, ...]|null]``              static binding: a session's calls to ``actor``
                                                          go to the instance its id hashes to; other
                                                          calls go round-robin (bound on arrival)
+``["home", actor, [instance, ...]|null]``                where a session without a route or affinity
+                                                         goes, softly (as ``affinity``): the instance
+                                                         its id hashes to (rendezvous hashing: adding
+                                                         or removing one instance moves only the
+                                                         sessions it gains or loses)
 =======================================================  =============================================
 """
 from __future__ import annotations
 
 import bisect
+import hashlib
 import random
 import zlib
 from typing import Any
@@ -33,7 +43,7 @@ from ..bus.errors import MalformedMessage
 
 #: Session routes (hard and soft) kept at most, per table; the oldest go first. A bound, not a target.
 MAX_SESSION_ROUTES = 200_000
-OPS = ("route", "affinity", "weights", "priority", "migrate", "scale", "instance", "sticky")
+OPS = ("route", "affinity", "weights", "priority", "migrate", "scale", "instance", "sticky", "home")
 
 
 def _str(v: Any, what: str) -> str:
@@ -51,8 +61,9 @@ def check_op(op: Any) -> list[Any]:
     if not isinstance(op, list) or not op or op[0] not in OPS:
         raise MalformedMessage(f"decision op must be a list starting with one of {OPS}, not {op!r:.80}")
     kind = op[0]
-    n = {"route": 4, "affinity": 4, "weights": 3, "priority": 4, "migrate": 6, "scale": 5, "instance": 3, "sticky": 3}[kind]
-    if len(op) != n:
+    n = {"route": 4, "affinity": 4, "weights": 3, "priority": 4, "migrate": 6, "scale": 5, "instance": 3, "sticky": 3,
+         "home": 3}[kind]
+    if len(op) != n and not (kind == "migrate" and len(op) == 7 and op[6] == "soft"):
         raise MalformedMessage(f"decision op {kind!r} has {len(op)} fields, not {n}")
     if kind in ("route", "affinity"):
         _str(op[1], "session"), _str(op[2], "actor"), _opt_str(op[3], "instance")
@@ -76,11 +87,11 @@ def check_op(op: Any) -> list[Any]:
             raise MalformedMessage("scale count must be an int >= 0 or null")
         if not isinstance(op[4], list) or not all(isinstance(x, str) for x in op[4]):
             raise MalformedMessage("scale drain must be a list of instance ids")
-    elif kind == "sticky":
+    elif kind in ("sticky", "home"):
         _str(op[1], "actor")
         if op[2] is not None and (not isinstance(op[2], list) or not op[2] or
                                   not all(isinstance(x, str) for x in op[2])):
-            raise MalformedMessage("sticky instances must be a non-empty list of instance ids, or null")
+            raise MalformedMessage(f"{kind} instances must be a non-empty list of instance ids, or null")
     else:
         _str(op[1], "instance"), _opt_str(op[2], "node")
     return op
@@ -99,6 +110,7 @@ class DecisionTable:
         self.priorities: dict[str, dict[str, int]] = {}  # session -> actor or "*" -> priority
         self.scale: dict[str, dict[str, tuple[int, list[str]]]] = {}  # node -> actor -> (count, drain)
         self.sticky: dict[str, list[str]] = {}  # actor -> instances sessions hash onto (baseline binding)
+        self.home: dict[str, list[str]] = {}  # actor -> instances sessions hash onto, softly
         self._rr: dict[str, int] = {}  # actor -> round-robin counter for unsessioned sticky calls
         self._node_pick: dict[str, tuple[list[str], list[float]]] = {}  # actor -> nodes, cumulative weights
         self.active = False  # anything that changes where a call goes?
@@ -132,10 +144,12 @@ class DecisionTable:
 
     def _cleared_by(self, ops: list[list[Any]]) -> list[list[Any]]:
         """Ops clearing the weights, priorities and counts in force that the snapshot ``ops`` leave out."""
-        keep = {(op[0], op[1]) if op[0] in ("weights", "sticky") else (op[0], op[1], op[3]) if op[0] == "priority"
-                else (op[0], op[1], op[2]) for op in ops if op[0] in ("weights", "priority", "scale", "sticky")}
+        keep = {(op[0], op[1]) if op[0] in ("weights", "sticky", "home") else (op[0], op[1], op[3])
+                if op[0] == "priority" else (op[0], op[1], op[2])
+                for op in ops if op[0] in ("weights", "priority", "scale", "sticky", "home")}
         out: list[list[Any]] = [["weights", a, None] for a in self.weights if ("weights", a) not in keep]
         out.extend(["sticky", a, None] for a in self.sticky if ("sticky", a) not in keep)
+        out.extend(["home", a, None] for a in self.home if ("home", a) not in keep)
         for s, per_s in self.priorities.items():
             out.extend(["priority", s, None, None if k == "*" else k] for k in per_s
                        if ("priority", s, None if k == "*" else k) not in keep)
@@ -178,8 +192,8 @@ class DecisionTable:
             else:
                 self.priorities.setdefault(session, {})[key] = value
         elif kind == "migrate":  # the queued calls move (nodes do that); the session's calls follow
-            _, _, session, actor, _, dst = op
-            self.apply_op(["route", session, actor, dst])
+            session, actor, dst = op[2], op[3], op[5]
+            self.apply_op(["affinity" if len(op) == 7 else "route", session, actor, dst])
         elif kind == "scale":
             _, node, actor, count, drain = op
             per_n = self.scale.setdefault(node, {})
@@ -187,11 +201,12 @@ class DecisionTable:
                 per_n.pop(actor, None)
             else:
                 per_n[actor] = (count, list(drain))
-        elif kind == "sticky":
+        elif kind in ("sticky", "home"):
+            table_s = self.sticky if kind == "sticky" else self.home
             if op[2] is None:
-                self.sticky.pop(op[1], None)
+                table_s.pop(op[1], None)
             else:
-                self.sticky[op[1]] = list(op[2])
+                table_s[op[1]] = list(op[2])
         else:
             if op[2] is None:
                 self.instances.pop(op[1], None)
@@ -222,7 +237,7 @@ class DecisionTable:
                     total += per_node[n]
                     cum.append(total)
                 self._node_pick[actor] = (nodes, cum)
-        self.active = bool(self._node_pick or self.sticky or any(self.routes.values())
+        self.active = bool(self._node_pick or self.sticky or self.home or any(self.routes.values())
                            or any(self.affinity.values()))
 
     # -- reading -----------------------------------------------------------------------------------
@@ -237,6 +252,10 @@ class DecisionTable:
                 a = self.affinity.get(actor)
                 if a:
                     inst = a.get(session)
+            if inst is None:
+                h = self.home.get(actor)
+                if h:
+                    inst = home_of(h, session)
             if inst is not None:
                 node = self.instances.get(inst)
                 if node is not None:
@@ -275,6 +294,9 @@ class DecisionTable:
                 return inst, False
         if st:
             return _hashed(st, session), True
+        h = self.home.get(actor)
+        if h:
+            return home_of(h, session), False
         return None, False
 
     def _next(self, actor: str, insts: list[str]) -> str:
@@ -301,6 +323,7 @@ class DecisionTable:
                 ops.extend([kind, s, actor, i] for s, i in per.items())
         ops.extend(["weights", a, dict(w)] for a, w in self.weights.items())
         ops.extend(["sticky", a, list(x)] for a, x in self.sticky.items())
+        ops.extend(["home", a, list(x)] for a, x in self.home.items())
         for s, per_s in self.priorities.items():
             ops.extend(["priority", s, v, None if k == "*" else k] for k, v in per_s.items())
         for node, per_n in self.scale.items():
@@ -315,6 +338,7 @@ class DecisionTable:
             "affinity_routes": {a: len(p) for a, p in self.affinity.items() if p},
             "weights": self.weights,
             "sticky": self.sticky,
+            "home": self.home,
             "priorities": len(self.priorities),
             "scale": {n: {a: c for a, (c, _) in per.items()} for n, per in self.scale.items() if per},
         }
@@ -323,3 +347,10 @@ class DecisionTable:
 def _hashed(insts: list[str], session: str) -> str:
     """The instance a session is pinned to by ``sticky``: a stable hash, the same in every process."""
     return insts[zlib.crc32(session.encode()) % len(insts)]
+
+
+def home_of(insts: list[str], session: str) -> str:
+    """A session's ``home``: the instance with the highest hash of (session, instance), the same in
+    every process; adding or removing an instance moves only the sessions that instance gains or loses."""
+    key = session.encode() + b"\0"
+    return max(insts, key=lambda i: hashlib.blake2b(key + i.encode(), digest_size=8).digest())

@@ -72,7 +72,7 @@ class Call(env.CallMessage):
         self.committing = False
         self.conflicts = 0
         self.also: list[str] | None = None  # reply subjects of retries that found it running
-        self.qe: list[Any] | None = None  # its live entry in a queue: [-priority, seq, call]
+        self.qe: list[Any] | None = None  # its live entry in a queue: [-priority, (born, seq), call]
         self.pin: Instance | None = None  # the instance whose own queue holds it
         self.t0 = 0.0  # when it arrived (monotonic): queue waits and latencies
 
@@ -112,7 +112,7 @@ class ActorGroup:
         self.has_async = any(self.methods.values())
         self.has_sync = not all(self.methods.values())
         self.instances: list[Instance] = []
-        self.heap: list[list[Any]] = []  # calls any instance may take: [-priority, seq, call]
+        self.heap: list[list[Any]] = []  # calls any instance may take: [-priority, (born, seq), call]
         self.queued = 0  # live calls queued here, in ``heap`` and in the instances' own queues
         self.shared = 0  # of which in ``heap``
         self.done = 0
@@ -449,23 +449,13 @@ class Node(Controller):
         table = self.rt.table
         inst: Instance | None = None
         if table.active and (c.session is not None or g.name in table.sticky):
-            iid, hard = table.instance_for(g.name, c.session)
+            # A route, cache affinity or home: the call waits for that instance (soft ones only while
+            # it is here and serving; the policy moves sessions that wait too long).
+            iid, _ = table.instance_for(g.name, c.session)
             if iid is not None:
                 inst = self._instances.get(iid)
                 if inst is not None and (inst.draining or inst.group is not g):
                     inst = None
-                if inst is not None and not hard:  # cache affinity: only while it has room
-                    if inst.queued == 0 and inst.has_room(is_async):
-                        self._dispatch(inst, c)
-                        return
-                    inst = None
-                    # Its cache's instance is full and so is every other one here: rather than wait
-                    # behind this node's backlog, the call goes once to the actor's queue group, where
-                    # another node may have room (a soft route must not pile sessions onto one node).
-                    if (c.fwd is None and (g.shared or self._pick(g, is_async) is None)
-                            and self._hand_over(c, None)):
-                        self.counters["forwarded"] += 1
-                        return
         if inst is not None:
             if inst.queued == 0 and inst.has_room(is_async):
                 self._dispatch(inst, c)
@@ -478,12 +468,19 @@ class Node(Controller):
         else:
             self._dispatch(free, c)
 
-    def _push(self, c: Call, inst: Instance | None, seq: int = 0) -> None:
-        """Queue ``c`` by its priority, then ``seq``: its arrival (a call queued again keeps its own)."""
-        if not seq:
+    def _push(self, c: Call, inst: Instance | None, key: tuple[int, int] | None = None) -> None:
+        """Queue ``c`` by its priority, then ``key`` (a call queued again keeps its own).
+
+        The key is when its request started, then its arrival here: among equals, an older request's
+        call goes first, so a request's later stages do not queue again behind newer requests' first
+        ones (FCFS by request, not by call). Under ``sticky`` (the baseline's binding) it is arrival
+        alone: plain FIFO.
+        """
+        if key is None:
             self._seq += 1
-            seq = self._seq
-        e = [-self.rt.table.priority(c.session, c.group.name, c.priority), seq, c]
+            born = 0 if c.group.name in self.rt.table.sticky else (c.born or int(time.time() * 1000))
+            key = (born, self._seq)
+        e = [-self.rt.table.priority(c.session, c.group.name, c.priority), key, c]
         c.qe = e
         c.pin = inst
         g = c.group

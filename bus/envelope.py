@@ -29,6 +29,7 @@ H_ATTEMPT = "Nalar-Attempt"
 H_TRACEPARENT = "traceparent"
 H_STAGE = "Nalar-Stage"  # how many calls its request made before it (SRTF-like policies)
 H_FWD = "Nalar-Fwd"  # the node that forwarded it (a call is forwarded at most once)
+H_BORN = "Nalar-Born"  # when its request (the root call) started, Unix ms: queues serve older requests first
 
 MAX_ID_LEN = 128
 MAX_SESSION_LEN = 256
@@ -158,7 +159,7 @@ class CallMessage:
     """A validated incoming call. The node extends it with its own bookkeeping fields."""
 
     __slots__ = ("id", "request", "session", "parent", "deadline", "priority", "attempt",
-                 "traceparent", "method", "args", "kwargs", "reply", "stage", "fwd")
+                 "traceparent", "method", "args", "kwargs", "reply", "stage", "fwd", "born")
 
     id: str
     request: str
@@ -168,6 +169,7 @@ class CallMessage:
     priority: int
     attempt: int
     stage: int
+    born: int
     fwd: str | None
     traceparent: str | None
     method: str
@@ -224,8 +226,10 @@ def decode_call(data: bytes, headers: dict[str, str] | None, reply: str, cls: ty
         c.attempt = int(a) if a else -1  # -1: the caller does not retry (so it wants no acks)
         st = headers.get(H_STAGE)
         c.stage = int(st) if st else 0
+        b = headers.get(H_BORN)
+        c.born = int(b) if b else 0
     except ValueError:
-        raise MalformedMessage("call has a non-numeric deadline, priority, attempt or stage header") from None
+        raise MalformedMessage("call has a non-numeric deadline, priority, attempt, stage or born header") from None
     if not math.isfinite(c.deadline) or c.deadline < 0:
         raise MalformedMessage("call has a deadline that is not a finite Unix time")
     c.method = method

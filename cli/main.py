@@ -180,6 +180,8 @@ def _print_decisions(d: dict[str, Any]) -> None:
         print(f"    route {actor}: " + ", ".join(f"{i} x{x:g}" for i, x in sorted(w.items())))
     for actor, insts in sorted(d.get("sticky", {}).items()):
         print(f"    sticky {actor}: sessions hashed onto {len(insts)} instances, others round-robin")
+    for actor, insts in sorted(d.get("home", {}).items()):
+        print(f"    home {actor}: new sessions hashed onto {len(insts)} instances (soft)")
     for kind in ("session_routes", "affinity_routes"):
         for actor, n in sorted(d.get(kind, {}).items()):
             print(f"    {kind.replace('_', ' ')} {actor}: {n} sessions")

@@ -176,13 +176,27 @@ class Actions:
                 self._known(i)
         self.ops.append(["sticky", actor, None if instances is None else list(instances)])
 
-    def migrate(self, session: str, src: str, dst: str) -> None:
+    def home(self, actor: str, instances: list[str] | None) -> None:
+        """Soft placement of new sessions: a session of ``actor`` with no route or affinity goes to the
+        instance its id hashes to among ``instances`` (rendezvous hashing), as if by ``affinity``;
+        every caller computes it alone, so a session's first calls already meet in one cache.
+        ``None`` ends it."""
+        if instances is not None:
+            if not instances:
+                raise ValueError("home(actor, instances): at least one instance")
+            for i in instances:
+                self._known(i)
+        self.ops.append(["home", actor, None if instances is None else sorted(instances)])
+
+    def migrate(self, session: str, src: str, dst: str, soft: bool = False) -> None:
         """Move the session's queued calls (and, for a stateful actor, its state) from instance ``src``
-        to instance ``dst``; its later calls go to ``dst`` too."""
+        to instance ``dst``; its later calls go to ``dst`` too: by a route, or by affinity if ``soft``
+        (a model's cache: the policy may move the session again, and the route table stays small)."""
         s, d = self._known(src), self._known(dst)
         if s.actor != d.actor:
             raise ValueError(f"migrate: {src} and {dst} are instances of different actors")
-        self.ops.append(["migrate", secrets.token_hex(6), str(session), s.actor, src, dst])
+        op = ["migrate", secrets.token_hex(6), str(session), s.actor, src, dst]
+        self.ops.append(op + ["soft"] if soft else op)
 
     # -- resources ------------------------------------------------------------------------------
     def provision(self, actor: str, node: str) -> bool:
@@ -275,8 +289,8 @@ class Actions:
             elif kind == "priority":
                 if t.priorities.get(op[1], {}).get(op[3] or "*") == op[2]:
                     continue
-            elif kind == "sticky":
-                if t.sticky.get(op[1]) == op[2]:
+            elif kind == "sticky" or kind == "home":
+                if (t.sticky if kind == "sticky" else t.home).get(op[1]) == op[2]:
                     continue
             elif kind == "scale":
                 cur_s = t.scale.get(op[1], {}).get(op[2])

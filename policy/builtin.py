@@ -8,14 +8,16 @@ name               what it does
 ``reassign``       on a node, drains an instance of an idle actor and starts one of a hot actor
 ``srtf``           later workflow stages first (shortest remaining time first, approximately)
 ``lpt``            re-entering jobs (sessions with failed calls, retries) first
-``affinity``       sends a session back to the model instance that served it (its KV cache)
+``affinity``       a model's session waits for the instance holding its cache (first: a hash of its id),
+                   and moves when it waits long while another instance has room
 ``sticky``         the baseline: sessions pinned to an instance by hash, others round-robin, FCFS
 ``proportional``   shares a node's model slots between model actors in proportion to their demand
 =================  ===========================================================================
 """
 from __future__ import annotations
 
-from .api import Actions, Policy, View
+from ..actors.decisions import home_of
+from .api import Actions, ActorView, Policy, View
 
 
 class LoadBalance(Policy):
@@ -139,26 +141,67 @@ class LPT(_Expiring):
 
 
 class CacheAffinity(Policy):
-    """A session returns to the model instance that served it, whose prefix cache still holds it."""
+    """A model's sessions meet their prefix cache, and move only when waiting costs more than a miss.
+
+    Every new session has a home instance (``home``: a hash every caller computes alone, so even a
+    session's first, concurrent calls meet in one cache); a session served elsewhere is sent back
+    there (``affinity``); a session whose calls wait behind a backlog for ``move_after_ms`` while
+    another instance has room and nobody waiting moves there (``migrate``, softly), paying one cache
+    miss instead of the wait."""
 
     name = "affinity"
 
-    def __init__(self, keep_rounds: int = 600) -> None:
+    def __init__(self, keep_rounds: int = 600, move_after_ms: float = 500.0, cooldown_rounds: int = 8) -> None:
         self.keep = keep_rounds
-        self._seen: dict[tuple[str, str], int] = {}
+        self.move_after_ms = move_after_ms
+        self.cooldown = cooldown_rounds
+        self._seen: dict[tuple[str, str], int] = {}  # (session, actor) -> round its affinity was last set
+        self._moved: dict[str, int] = {}  # session -> round it last moved
 
     def decide(self, view: View, act: Actions) -> None:
+        self._moved = {s: r for s, r in self._moved.items() if view.round - r < self.cooldown}
         for actor in view.actors.values():
             if actor.kind != "model":
                 continue
+            live = sorted(i.id for i in actor.live())
+            if not live:
+                continue
+            act.home(actor.name, live)
+            mine = view.table.affinity.get(actor.name, {})
             for session, inst in actor.recent:
-                if inst in view.instances:
+                if inst not in view.instances:
+                    continue
+                if inst != home_of(live, session) or session in mine:
                     act.affinity(session, actor.name, inst)
                     self._seen[(session, actor.name)] = view.round
+            self._rebalance(view, act, actor)
         for (s, a), r in list(self._seen.items()):
             if view.round - r >= self.keep:
                 del self._seen[(s, a)]
                 act.affinity(s, a, None)
+
+    def _rebalance(self, view: View, act: Actions, actor: ActorView) -> None:
+        room = {i.id: i.free for i in actor.live() if i.queued == 0 and i.free > 0}
+        if not room:
+            return
+        calls: dict[tuple[str, str], int] = {}
+        for w in actor.waiting:
+            if w.routed:
+                calls[(w.session, w.instance)] = calls.get((w.session, w.instance), 0) + 1
+        for w in actor.waiting:  # longest wait first
+            if not room:
+                break
+            if not w.routed or w.wait_ms < self.move_after_ms or w.session in self._moved:
+                continue
+            dst = max(room, key=lambda i: (room[i], i))
+            if dst == w.instance:
+                continue
+            act.migrate(w.session, w.instance, dst, soft=True)
+            self._moved[w.session] = view.round
+            self._seen[(w.session, actor.name)] = view.round
+            room[dst] -= calls.get((w.session, w.instance), 1)
+            if room[dst] <= 0:
+                del room[dst]
 
 
 class Proportional(Policy):

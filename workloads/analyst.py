@@ -225,7 +225,7 @@ WORKLOAD = WorkloadSpec(
             "multi-turn sessions with think time and the conversation in managed state",
     entry="Analyst.ask",
     nodes=[list(NODE), list(NODE)],
-    policies=("balance", "head-of-line", "affinity"),
+    policies=("balance", "affinity"),
     sessions=sessions,
     default_rps=2.0,
     default_duration=120.0,
