@@ -478,7 +478,7 @@ class Node(Controller):
         """
         if key is None:
             self._seq += 1
-            born = 0 if c.group.name in self.rt.table.sticky else (c.born or int(time.time() * 1000))
+            born = 0 if c.group.name in self.rt.table.sticky else (c.born or int(time.time() * 1_000_000))
             key = (born, self._seq)
         e = [-self.rt.table.priority(c.session, c.group.name, c.priority), key, c]
         c.qe = e

@@ -312,7 +312,7 @@ class Runtime:
             else:
                 parent.children.append(fut)
             headers[env.H_STAGE] = str(parent.stage + len(parent.children))
-        headers[env.H_BORN] = str(parent.born) if parent is not None and parent.born else str(int(now * 1000))
+        headers[env.H_BORN] = str(parent.born) if parent is not None and parent.born else str(int(now * 1_000_000))
         headers[env.H_DEADLINE] = f"{deadline:.3f}"
         if parent is not None and parent.unit and actor == parent.group.name and session == parent.session:
             fut._finish(FAILED, BadRequest(

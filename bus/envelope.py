@@ -29,7 +29,7 @@ H_ATTEMPT = "Nalar-Attempt"
 H_TRACEPARENT = "traceparent"
 H_STAGE = "Nalar-Stage"  # how many calls its request made before it (SRTF-like policies)
 H_FWD = "Nalar-Fwd"  # the node that forwarded it (a call is forwarded at most once)
-H_BORN = "Nalar-Born"  # when its request (the root call) started, Unix ms: queues serve older requests first
+H_BORN = "Nalar-Born"  # when its request (the root call) started, Unix µs: queues serve older requests first
 
 MAX_ID_LEN = 128
 MAX_SESSION_LEN = 256

@@ -154,7 +154,8 @@ class Actions:
         self.ops.append(["route", str(session), actor, instance])
 
     def affinity(self, session: str, actor: str, instance: str | None) -> None:
-        """A soft route: the session's calls prefer ``instance`` (its cache) while it has room."""
+        """A soft route: the session's calls go to and wait for ``instance`` (its cache) until a policy
+        moves them; unlike a route it lapses when the instance goes, and is evicted first."""
         if instance is not None:
             self._known(instance)
         self.ops.append(["affinity", str(session), actor, instance])

@@ -405,3 +405,14 @@ class SlowStart(nalar.Tool):
 
     def where(self) -> str | None:
         return _instance()
+
+
+@nalar.hints(max_concurrency=None)
+class Relay(nalar.Agent):
+    """Waits at a gate, then calls ``Prio.step``: a later stage of a request that started earlier."""
+
+    prio = nalar.stub(Prio)
+
+    async def later(self, gate: str, key: str, tag: str) -> str:
+        await asyncio.wait_for(_agate(gate).wait(), 60)
+        return str(await self.prio.step(key, tag))

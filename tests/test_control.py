@@ -184,6 +184,31 @@ def test_set_priority_reorders_queued_calls_on_each_node(start_node, client):
     assert blocker.result(30) == f"Prio-{A}-0"
 
 
+def test_queues_serve_older_requests_first_and_sticky_keeps_plain_fifo(start_node, client):
+    start_node("sample_actors:Prio=1", "sample_actors:GateCtl", "sample_actors:Relay", name=A)
+    ctl = Ctl(client, [A])
+    prio, relay, gates = client.stub("Prio"), client.stub("Relay"), client.stub("GateCtl")
+
+    def race(key: str) -> list[object]:
+        """An older request's later stage reaches Prio's queue after a newer request's first call."""
+        blocker = prio.block(f"{key}-g")
+        wait_for(lambda: instances(client, A, "Prio")[0]["running"] == 1, 30, "Prio blocked")
+        old = relay.later(f"{key}-r", key, "old")  # its request starts now; its call to Prio comes later
+        wait_for(lambda: instances(client, A, "Relay")[0]["running"] == 1, 30, "the older request running")
+        new = prio.step(key, "new")
+        wait_for(lambda: node_status(client, A)["actors"]["Prio"]["queued"] == 1, 30, "the newer call queued")
+        gates.release(f"{key}-r").result(30)
+        wait_for(lambda: node_status(client, A)["actors"]["Prio"]["queued"] == 2, 30, "the older request's call")
+        gates.release(f"{key}-g").result(30)
+        assert blocker.result(30) and old.result(30) == "old" and new.result(30) == "new"
+        return list(gates.ran(key).result(30))
+
+    assert race("by-request") == ["old", "new"]
+    ctl.round(lambda v, act: act.sticky("Prio", [f"Prio-{A}-0"]))  # the baseline's binding: FIFO by arrival
+    assert race("fifo") == ["new", "old"]
+    ctl.stop()
+
+
 # -- 3. migration ---------------------------------------------------------------------------------------
 def test_head_of_line_moves_queued_sessions_and_their_state_follows(start_node, client):
     start_node("sample_actors:Tally=1", "sample_actors:GateCtl", name=A)

@@ -216,3 +216,67 @@ def test_head_of_line_skips_calls_queued_where_no_instance_is_left():
     act = Actions(View(m, DecisionTable(), 1))
     HeadOfLine().decide(act.view, act)
     assert [op[2:] for op in act.batch() if op[0] == "migrate"] == [["s1", "P", "P-b-0", "P-c-0"]]
+
+
+# -- cache affinity: home, soft migration, the policy ----------------------------------------------------
+def test_home_places_sessions_softly_and_moves_few_when_instances_change():
+    assert check_op(["home", "P", ["P-a-0"]]) and check_op(["home", "P", None])
+    assert check_op(["migrate", "m", "s", "P", "P-a-0", "P-b-0", "soft"])
+    for bad in (["home", "P", []], ["home", "P", [1]], ["home", "", None], ["migrate", "m", "s", "P", "a", "b", "hard"]):
+        with pytest.raises(MalformedMessage):
+            check_op(bad)
+    insts = ["P-a-0", "P-a-1", "P-b-0", "P-b-1"]
+    t = DecisionTable(here="a")
+    t.apply({"v": 1, "prev": 0, "ops": [*(["instance", i, i.split("-")[1]] for i in insts), ["home", "P", insts]]})
+    sessions = [f"s{k}" for k in range(400)]
+    homes = {s: t.instance_for("P", s) for s in sessions}
+    assert all(not hard for _, hard in homes.values())  # soft
+    count = {i: sum(h == i for h, _ in homes.values()) for i in insts}
+    assert all(70 <= n <= 130 for n in count.values()), count  # spread over all four
+    assert all(t.node_for("P", s) == homes[s][0].split("-")[1] for s in sessions[:20])
+    assert t.instance_for("P", None) == (None, False)  # calls without a session are not placed
+    # one instance gone: only its sessions move
+    t.apply({"v": 2, "prev": 1, "ops": [["home", "P", insts[:3]]]})
+    moved = [s for s in sessions if t.instance_for("P", s)[0] != homes[s][0]]
+    assert moved and all(homes[s][0] == "P-b-1" for s in moved)
+    # affinity and routes come first; a soft migration leaves affinity, not a route
+    t.apply({"v": 3, "prev": 2, "ops": [["affinity", "s1", "P", "P-b-1"], ["route", "s2", "P", "P-a-1"],
+                                        ["migrate", "m", "s3", "P", "P-a-0", "P-b-0", "soft"]]})
+    assert t.instance_for("P", "s1") == ("P-b-1", False) and t.instance_for("P", "s2") == ("P-a-1", True)
+    assert t.affinity["P"]["s3"] == "P-b-0" and "s3" not in t.routes.get("P", {})
+    assert ["home", "P", insts[:3]] in t.snapshot_ops()
+    cleared = t.apply({"v": 9, "full": True, "ops": []})
+    assert ["home", "P", None] in (cleared or []) and not t.home
+
+
+def _model_metrics(instances: list[list[Any]], waiting: list[list[Any]], recent: list[list[str]]) -> dict[str, Any]:
+    return {"a": {"node": "a", "actors": {"M": {
+        "kind": "model", "stateful": False, "min": 1, "max": None, "queued": sum(i[2] for i in instances),
+        "running": sum(i[1] for i in instances), "instances": instances, "waiting": waiting, "recent": recent}}}}
+
+
+def test_the_affinity_policy_homes_sessions_and_moves_only_long_waits_to_room():
+    from nalar.actors.decisions import home_of
+    from nalar.policy.builtin import CacheAffinity
+
+    ids = ["M-a-0", "M-a-1", "M-a-2"]
+    s_home = next(f"s{k}" for k in range(100) if home_of(ids, f"s{k}") == "M-a-0")
+    s_away = next(f"s{k}" for k in range(100) if home_of(ids, f"s{k}") == "M-a-1")
+    insts = [["M-a-0", 4, 3, 4, False], ["M-a-1", 4, 0, 4, False], ["M-a-2", 1, 0, 4, False]]
+    waiting = [["long", "M-a-0", 900.0, 1, 0, 0], ["long", "M-a-0", 800.0, 1, 0, 0], ["short", "M-a-0", 100.0, 1, 0, 0]]
+    p = CacheAffinity()
+    act = Actions(View(_model_metrics(insts, waiting, [[s_home, "M-a-0"], [s_away, "M-a-0"]]), DecisionTable(), 1))
+    p.decide(act.view, act)
+    ops = act.batch()
+    assert ["home", "M", ids] in ops
+    assert ["affinity", s_away, "M", "M-a-0"] in ops  # served away from its home: sent back there
+    assert not [op for op in ops if op[0] == "affinity" and op[1] == s_home]  # at home: nothing to say
+    moves = [op for op in ops if op[0] == "migrate"]
+    assert [op[2:] for op in moves] == [["long", "M", "M-a-0", "M-a-2", "soft"]]  # the long wait, to room
+    act = Actions(View(_model_metrics(insts, waiting, []), DecisionTable(), 2))
+    p.decide(act.view, act)
+    assert not [op for op in act.batch() if op[0] == "migrate"]  # moved a moment ago: it settles first
+    full = [["M-a-0", 4, 3, 4, False], ["M-a-1", 4, 1, 4, False], ["M-a-2", 4, 0, 4, False]]
+    act = Actions(View(_model_metrics(full, [["w", "M-a-0", 5000.0, 1, 0, 0]], []), DecisionTable(), 3))
+    CacheAffinity().decide(act.view, act)
+    assert not [op for op in act.batch() if op[0] == "migrate"]  # no instance has room: waiting is all there is
