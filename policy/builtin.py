@@ -58,7 +58,7 @@ class HeadOfLine(Policy):
                 dst = next((i for i in idle if i.node != w.node or i.id != w.instance), None)
                 if dst is None:
                     break
-                act.migrate(w.session, w.instance, dst.id)
+                act.migrate(w.session, w.instance, dst.id, soft=actor.kind == "model")  # a cache, not state
                 self._moved[w.session] = view.round
                 slots[dst.id] -= 1
                 if slots[dst.id] <= 0:

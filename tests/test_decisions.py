@@ -280,3 +280,17 @@ def test_the_affinity_policy_homes_sessions_and_moves_only_long_waits_to_room():
     act = Actions(View(_model_metrics(full, [["w", "M-a-0", 5000.0, 1, 0, 0]], []), DecisionTable(), 3))
     CacheAffinity().decide(act.view, act)
     assert not [op for op in act.batch() if op[0] == "migrate"]  # no instance has room: waiting is all there is
+
+
+def test_head_of_line_moves_a_model_session_softly_and_a_stateful_one_by_route():
+    from nalar.policy.builtin import HeadOfLine
+
+    insts = [["M-a-0", 4, 2, 4, False], ["M-a-1", 0, 0, 4, False]]
+    m = _model_metrics(insts, [["s", "M-a-0", 500.0, 1, 0, 0]], [])
+    act = Actions(View(m, DecisionTable(), 1))
+    HeadOfLine().decide(act.view, act)
+    assert [op[2:] for op in act.batch() if op[0] == "migrate"] == [["s", "M", "M-a-0", "M-a-1", "soft"]]
+    m["a"]["actors"]["M"]["kind"] = "actor"
+    act = Actions(View(m, DecisionTable(), 1))
+    HeadOfLine().decide(act.view, act)
+    assert [op[2:] for op in act.batch() if op[0] == "migrate"] == [["s", "M", "M-a-0", "M-a-1"]]
