@@ -244,27 +244,14 @@ class DecisionTable:
     def node_for(self, actor: str, session: str | None) -> str | None:
         """Where a caller should send a call: a node, or ``None`` for any node serving ``actor``."""
         if session is not None:
-            inst = None
-            r = self.routes.get(actor)
-            if r:
-                inst = r.get(session)
-            if inst is None:
-                a = self.affinity.get(actor)
-                if a:
-                    inst = a.get(session)
-            if inst is None:
-                h = self.home.get(actor)
-                if h:
-                    inst = home_of(h, session)
+            inst, _ = self.instance_for(actor, session)  # its route, affinity, sticky hash or home
             if inst is not None:
                 node = self.instances.get(inst)
                 if node is not None:
                     return node
         st = self.sticky.get(actor)
         if st:
-            if session is not None:
-                return self.instances.get(_hashed(st, session))
-            return self.instances.get(self._next(actor, st))
+            return self.instances.get(_hashed(st, session) if session is not None else self._next(actor, st))
         pick = self._node_pick.get(actor)
         if pick is None:
             return None

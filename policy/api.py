@@ -170,24 +170,22 @@ class Actions:
         """Static binding, as frameworks without a global scheduler do: each session's calls to
         ``actor`` go to the instance its id hashes to (sessions never move), other calls round-robin;
         calls are bound on arrival and wait for their instance. ``None`` ends it."""
-        if instances is not None:
-            if not instances:
-                raise ValueError("sticky(actor, instances): at least one instance")
-            for i in instances:
-                self._known(i)
-        self.ops.append(["sticky", actor, None if instances is None else list(instances)])
+        self._placement("sticky", actor, None if instances is None else list(instances))
 
     def home(self, actor: str, instances: list[str] | None) -> None:
         """Soft placement of new sessions: a session of ``actor`` with no route or affinity goes to the
         instance its id hashes to among ``instances`` (rendezvous hashing), as if by ``affinity``;
         every caller computes it alone, so a session's first calls already meet in one cache.
         ``None`` ends it."""
+        self._placement("home", actor, None if instances is None else sorted(instances))
+
+    def _placement(self, kind: str, actor: str, instances: list[str] | None) -> None:
         if instances is not None:
             if not instances:
-                raise ValueError("home(actor, instances): at least one instance")
+                raise ValueError(f"{kind}(actor, instances): at least one instance")
             for i in instances:
                 self._known(i)
-        self.ops.append(["home", actor, None if instances is None else sorted(instances)])
+        self.ops.append([kind, actor, instances])
 
     def migrate(self, session: str, src: str, dst: str, soft: bool = False) -> None:
         """Move the session's queued calls (and, for a stateful actor, its state) from instance ``src``
