@@ -54,7 +54,7 @@ class Call(env.CallMessage):
     """A call accepted by this node: the wire fields plus where and how it runs."""
 
     __slots__ = ("group", "inst", "task", "children", "span", "qspan", "otel_ctx", "done", "wk",
-                 "unit", "txn", "committing", "conflicts", "also", "qe", "pin", "t0")
+                 "unit", "txn", "committing", "conflicts", "also", "qe", "pin", "t0", "cost")
 
     group: "ActorGroup"
 
@@ -75,11 +75,12 @@ class Call(env.CallMessage):
         self.qe: list[Any] | None = None  # its live entry in a queue: [-priority, (born, seq), call]
         self.pin: Instance | None = None  # the instance whose own queue holds it
         self.t0 = 0.0  # when it arrived (monotonic): queue waits and latencies
+        self.cost = -1  # its admission cost at a budgeted instance (-1: not counted)
 
 
 class Instance:
     __slots__ = ("id", "group", "obj", "host", "running", "sync_running", "limit", "handled", "heap",
-                 "queued", "weight", "draining")
+                 "queued", "weight", "draining", "spent")
 
     def __init__(self, id: str, group: "ActorGroup", obj: Actor, limit: int | None) -> None:
         self.id = id
@@ -94,6 +95,7 @@ class Instance:
         self.queued = 0
         self.weight = 1.0  # its share of the actor's unrouted calls (policy ``route(actor, ...)``)
         self.draining = False  # killed: takes no more calls, stops when its running ones end
+        self.spent = 0  # admission cost held by its running calls (budgeted actors: a model's KV)
 
     def has_room(self, is_async: bool) -> bool:
         if self.draining or (self.limit is not None and self.running >= self.limit):
@@ -122,6 +124,10 @@ class ActorGroup:
         self.lat_ms = 0.0  # moving averages: run time, and queue wait
         self.wait_ms = 0.0
         self.kind_model = getattr(cls, "kind", "") == "model"
+        # An instance that prices its calls (``admission_cost``) and says what it can hold at once
+        # (``admission_budget``): a model whose engine keeps room for its sessions' prefix caches.
+        self.budgeted = callable(getattr(cls, "admission_cost", None)) and callable(
+            getattr(cls, "admission_budget", None))
         self.recent: OrderedDict[str, str] = OrderedDict()  # session -> instance that last served it
         self.fresh: list[tuple[str, str]] = []  # (session, instance) pairs new since the last metrics
 
@@ -457,12 +463,12 @@ class Node(Controller):
                 if inst is not None and (inst.draining or inst.group is not g):
                     inst = None
         if inst is not None:
-            if inst.queued == 0 and inst.has_room(is_async):
+            if inst.queued == 0 and self._admits(inst, c, is_async):
                 self._dispatch(inst, c)
             else:
                 self._push(c, inst)
             return
-        free = self._pick(g, is_async) if not g.shared else None
+        free = self._pick(g, c, is_async) if not g.shared else None
         if free is None:
             self._push(c, None)
         else:
@@ -518,12 +524,39 @@ class Node(Controller):
         if c.reply:
             self.rt.send(c.reply, env.encode_error(_err(kind, type_, message, c)), {env.H_ID: c.id})
 
+    def _admits(self, inst: Instance, c: Call, is_async: bool) -> bool:
+        """Whether ``inst`` can start ``c`` now: a free slot, and for a budgeted actor (a model), room
+        in its budget. A call is always let in alone, so no call is too big to ever run. Under
+        ``sticky`` (the baseline) there is no budget: calls are bound on arrival and the engine's own
+        first-come queue takes them, as frameworks without a scheduler do."""
+        if not inst.has_room(is_async):
+            return False
+        g = inst.group
+        if not g.budgeted or g.name in self.rt.table.sticky:
+            return True
+        if c.cost < 0:
+            c.cost = self._cost(inst, c)
+        if inst.spent == 0:
+            return True
+        try:
+            budget = inst.obj.admission_budget()  # type: ignore[attr-defined]
+        except Exception:
+            log.exception("%s.admission_budget failed: no budget", g.name)
+            budget = None
+        return budget is None or inst.spent + c.cost <= budget
+
     @staticmethod
-    def _pick(g: ActorGroup, is_async: bool) -> Instance | None:
+    def _cost(inst: Instance, c: Call) -> int:
+        try:
+            return max(0, int(inst.obj.admission_cost(c.method, c.args, c.kwargs)))  # type: ignore[attr-defined]
+        except Exception:  # bad arguments fail in the method itself, with their own error
+            return 0
+
+    def _pick(self, g: ActorGroup, c: Call, is_async: bool) -> Instance | None:
         """The instance with room and the least work for its weight (late binding: only now)."""
         best, best_load, fallback = None, 0.0, None
         for inst in g.instances:
-            if inst.has_room(is_async):
+            if self._admits(inst, c, is_async):
                 w = inst.weight
                 if w <= 0:  # the policy steers work away from it: only if nothing else has room
                     fallback = fallback or inst
@@ -538,6 +571,8 @@ class Node(Controller):
     def _dispatch(self, inst: Instance, c: Call) -> None:
         c.inst = inst
         inst.running += 1
+        if c.cost > 0:
+            inst.spent += c.cost
         if c.unit and self.sessions is not None:
             c.txn = Txn(self.sessions.store, c.unit)
         if c.qspan is not None:
@@ -584,8 +619,8 @@ class Node(Controller):
             else:
                 first, second = shared, own
             heap = first
-            if not inst.has_room(methods[first[0][2].method]):
-                if not second or not inst.has_room(methods[second[0][2].method]):
+            if not self._admits(inst, first[0][2], methods[first[0][2].method]):
+                if not second or not self._admits(inst, second[0][2], methods[second[0][2].method]):
                     break
                 heap = second
             c = heappop(heap)[2]
@@ -631,6 +666,8 @@ class Node(Controller):
 
     def _complete(self, inst: Instance, c: Call, ok: bool, value: Any) -> None:
         inst.running -= 1
+        if c.cost > 0:
+            inst.spent -= c.cost
         g = inst.group
         if not g.methods[c.method]:
             inst.sync_running -= 1
@@ -790,7 +827,8 @@ class Node(Controller):
                 "done": g.done,
                 "failed": g.failed,
                 "instances": [{"id": i.id, "running": i.running, "queued": i.queued, "limit": i.limit,
-                               "handled": i.handled, "weight": i.weight, "draining": i.draining}
+                               "handled": i.handled, "weight": i.weight, "draining": i.draining,
+                               **({"admitted_cost": i.spent} if g.budgeted else {})}
                               for i in g.instances],
             }
             eng = engine_stats(g)

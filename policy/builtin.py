@@ -8,16 +8,15 @@ name               what it does
 ``reassign``       on a node, drains an instance of an idle actor and starts one of a hot actor
 ``srtf``           later workflow stages first (shortest remaining time first, approximately)
 ``lpt``            re-entering jobs (sessions with failed calls, retries) first
-``affinity``       a model's session waits for the instance holding its cache (first: a hash of its id),
-                   and moves when it waits long while another instance has room
+``affinity``       a model's session waits for the instance holding its cache; new sessions go to the
+                   least-loaded instance; a session moves when it waits long while another has room
 ``sticky``         the baseline: sessions pinned to an instance by hash, others round-robin, FCFS
 ``proportional``   shares a node's model slots between model actors in proportion to their demand
 =================  ===========================================================================
 """
 from __future__ import annotations
 
-from ..actors.decisions import home_of
-from .api import Actions, ActorView, Policy, View
+from .api import Actions, ActorView, InstanceView, Policy, View
 
 
 class LoadBalance(Policy):
@@ -141,17 +140,21 @@ class LPT(_Expiring):
 
 
 class CacheAffinity(Policy):
-    """A model's sessions meet their prefix cache, and move only when waiting costs more than a miss.
+    """A model's sessions meet their prefix cache, and new sessions go where there is room.
 
-    Every new session has a home instance (``home``: a hash every caller computes alone, so even a
-    session's first, concurrent calls meet in one cache); a session served elsewhere is sent back
-    there (``affinity``); a session whose calls wait behind a backlog for ``move_after_ms`` while
-    another instance has room and nobody waiting moves there (``migrate``, softly), paying one cache
-    miss instead of the wait."""
+    A session stays with the instance that last served it (``affinity``: its KV cache holds the
+    conversation so far), so only a new session is free to go anywhere, and where it goes decides the
+    instance's load for the rest of its life. New sessions therefore go to the least-loaded instance
+    (``home``, re-chosen every round from running + queued calls; callers hash over it alone, so a
+    session's first, concurrent calls meet in one cache), not to a fixed hash that piles sessions
+    up on one instance by chance. Every session served is pinned where it was served, so a change of
+    ``home`` moves nobody. A session whose calls have waited ``move_after_ms`` behind a backlog while
+    another instance has room and nobody waiting moves there (``migrate``, softly): a safety valve for
+    a slow or lost instance, set high because each move costs a cache miss."""
 
     name = "affinity"
 
-    def __init__(self, keep_rounds: int = 600, move_after_ms: float = 500.0, cooldown_rounds: int = 8) -> None:
+    def __init__(self, keep_rounds: int = 1200, move_after_ms: float = 5000.0, cooldown_rounds: int = 8) -> None:
         self.keep = keep_rounds
         self.move_after_ms = move_after_ms
         self.cooldown = cooldown_rounds
@@ -163,15 +166,12 @@ class CacheAffinity(Policy):
         for actor in view.actors.values():
             if actor.kind != "model":
                 continue
-            live = sorted(i.id for i in actor.live())
+            live = actor.live()
             if not live:
                 continue
-            act.home(actor.name, live)
-            mine = view.table.affinity.get(actor.name, {})
+            act.home(actor.name, [self._lightest(live, view.table.home.get(actor.name))])
             for session, inst in actor.recent:
-                if inst not in view.instances:
-                    continue
-                if inst != home_of(live, session) or session in mine:
+                if inst in view.instances:
                     act.affinity(session, actor.name, inst)
                     self._seen[(session, actor.name)] = view.round
             self._rebalance(view, act, actor)
@@ -179,6 +179,16 @@ class CacheAffinity(Policy):
             if view.round - r >= self.keep:
                 del self._seen[(s, a)]
                 act.affinity(s, a, None)
+
+    @staticmethod
+    def _lightest(live: list[InstanceView], current: list[str] | None) -> str:
+        """The instance with the fewest calls running and waiting; the current home on a tie (fewer
+        table changes)."""
+        load = {i.id: i.running + i.queued for i in live}
+        least = min(load.values())
+        if current and len(current) == 1 and load.get(current[0]) == least:
+            return current[0]
+        return min(i for i, n in load.items() if n == least)
 
     def _rebalance(self, view: View, act: Actions, actor: ActorView) -> None:
         room = {i.id: i.free for i in actor.live() if i.queued == 0 and i.free > 0}
@@ -246,8 +256,10 @@ class Sticky(Policy):
     """The baseline's binding, for comparisons: what agent frameworks without a global scheduler do.
 
     Every actor's sessions are pinned to one instance by a hash of the session id (first GPU, forever:
-    no migration), other calls go round-robin, each bound on arrival to its instance's FIFO queue. Run
-    it alone: with no priority policy, queues are first come, first served."""
+    no migration), other calls go round-robin, each bound on arrival to its instance's FIFO queue and
+    handed to it as soon as a slot is free, with no admission budget (a model's engine gets every call
+    at once, as from a framework calling a vLLM server). Run it alone: with no priority policy, queues
+    are first come, first served."""
 
     name = "sticky"
 

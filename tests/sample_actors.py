@@ -416,3 +416,31 @@ class Relay(nalar.Agent):
     async def later(self, gate: str, key: str, tag: str) -> str:
         await asyncio.wait_for(_agate(gate).wait(), 60)
         return str(await self.prio.step(key, tag))
+
+
+@nalar.hints(max_concurrency=None)
+class Budgeted(nalar.Tool):
+    """Prices its calls and holds 10 units at once, as a model actor does with its KV cache
+    (``admission_cost``, ``admission_budget``); records the units it ever ran at once."""
+
+    def __init__(self) -> None:
+        self.units = 0
+        self.peak = 0
+
+    def admission_cost(self, method: str, args: list[object], kwargs: dict[str, object]) -> int:
+        return int(args[1]) if method == "hold" else 0  # type: ignore[call-overload]
+
+    def admission_budget(self) -> int:
+        return 10
+
+    async def hold(self, gate: str, units: int) -> int:
+        self.units += units
+        self.peak = max(self.peak, self.units)
+        try:
+            await asyncio.wait_for(_agate(gate).wait(), 60)
+        finally:
+            self.units -= units
+        return self.peak
+
+    async def most(self) -> int:
+        return self.peak

@@ -209,6 +209,42 @@ def test_queues_serve_older_requests_first_and_sticky_keeps_plain_fifo(start_nod
     ctl.stop()
 
 
+def test_a_budgeted_instance_admits_calls_while_their_cost_fits_and_sticky_hands_it_everything(
+        start_node, client):
+    start_node("sample_actors:Budgeted=1", "sample_actors:GateCtl", name=A)
+    b, gates = client.stub("Budgeted"), client.stub("GateCtl")
+
+    def running() -> tuple[int, int, int]:
+        a = node_status(client, A)["actors"]["Budgeted"]
+        i = a["instances"][0]
+        return i["running"], a["queued"], i["admitted_cost"]
+
+    big = b.hold("a", 12)  # over the budget, but alone: let in (no call is too big to ever run)
+    wait_for(lambda: running() == (1, 0, 12), 30, "the big call running")
+    six = b.hold("b", 6)
+    wait_for(lambda: running() == (1, 1, 12), 30, "6 units waiting behind 12")
+    gates.release("a").result(30)
+    assert big.result(30) == 12
+    wait_for(lambda: running() == (1, 0, 6), 30, "the 6-unit call running")
+    five, two = b.hold("c", 5), b.hold("d", 2)  # 6 + 5 > 10: five waits, and two waits behind it
+    wait_for(lambda: running() == (1, 2, 6), 30, "5 and 2 waiting")
+    gates.release("b").result(30)
+    assert six.result(30) == 12
+    wait_for(lambda: running() == (2, 0, 7), 30, "5 + 2 units running together")
+    for g in ("c", "d"):
+        gates.release(g).result(30)
+    assert five.result(30) <= 12 and two.result(30) <= 12
+
+    ctl = Ctl(client, [A])
+    ctl.round(lambda v, act: act.sticky("Budgeted", [f"Budgeted-{A}-0"]))  # the baseline: no budget
+    held = [b.hold(f"s{k}", 6) for k in range(3)]
+    wait_for(lambda: running() == (3, 0, 0), 30, "18 units at once under sticky, uncounted")
+    for k in range(3):
+        gates.release(f"s{k}").result(30)
+    assert max(f.result(30) for f in held) == 18
+    ctl.stop()
+
+
 # -- 3. migration ---------------------------------------------------------------------------------------
 def test_head_of_line_moves_queued_sessions_and_their_state_follows(start_node, client):
     start_node("sample_actors:Tally=1", "sample_actors:GateCtl", name=A)

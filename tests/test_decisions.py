@@ -255,29 +255,35 @@ def _model_metrics(instances: list[list[Any]], waiting: list[list[Any]], recent:
         "running": sum(i[1] for i in instances), "instances": instances, "waiting": waiting, "recent": recent}}}}
 
 
-def test_the_affinity_policy_homes_sessions_and_moves_only_long_waits_to_room():
-    from nalar.actors.decisions import home_of
+def test_the_affinity_policy_homes_new_sessions_on_the_lightest_instance_and_pins_the_served():
     from nalar.policy.builtin import CacheAffinity
 
-    ids = ["M-a-0", "M-a-1", "M-a-2"]
-    s_home = next(f"s{k}" for k in range(100) if home_of(ids, f"s{k}") == "M-a-0")
-    s_away = next(f"s{k}" for k in range(100) if home_of(ids, f"s{k}") == "M-a-1")
     insts = [["M-a-0", 4, 3, 4, False], ["M-a-1", 4, 0, 4, False], ["M-a-2", 1, 0, 4, False]]
-    waiting = [["long", "M-a-0", 900.0, 1, 0, 0], ["long", "M-a-0", 800.0, 1, 0, 0], ["short", "M-a-0", 100.0, 1, 0, 0]]
+    waiting = [["long", "M-a-0", 6000.0, 1, 0, 0], ["long", "M-a-0", 5500.0, 1, 0, 0],
+               ["short", "M-a-0", 100.0, 1, 0, 0]]
     p = CacheAffinity()
-    act = Actions(View(_model_metrics(insts, waiting, [[s_home, "M-a-0"], [s_away, "M-a-0"]]), DecisionTable(), 1))
+    table = DecisionTable()
+    act = Actions(View(_model_metrics(insts, waiting, [["s1", "M-a-0"], ["s2", "M-a-1"]]), table, 1))
     p.decide(act.view, act)
     ops = act.batch()
-    assert ["home", "M", ids] in ops
-    assert ["affinity", s_away, "M", "M-a-0"] in ops  # served away from its home: sent back there
-    assert not [op for op in ops if op[0] == "affinity" and op[1] == s_home]  # at home: nothing to say
+    assert ["home", "M", ["M-a-2"]] in ops  # new sessions: the fewest calls running + waiting (1 of 7, 4, 1)
+    # every session served stays with its cache, so the next change of home moves nobody
+    assert ["affinity", "s1", "M", "M-a-0"] in ops and ["affinity", "s2", "M", "M-a-1"] in ops
     moves = [op for op in ops if op[0] == "migrate"]
     assert [op[2:] for op in moves] == [["long", "M", "M-a-0", "M-a-2", "soft"]]  # the long wait, to room
-    act = Actions(View(_model_metrics(insts, waiting, []), DecisionTable(), 2))
+    table.apply({"v": 1, "prev": 0, "ops": ops})
+    assert table.instance_for("M", "s1") == ("M-a-0", False) and table.instance_for("M", "new") == ("M-a-2", False)
+    even = [["M-a-0", 2, 0, 4, False], ["M-a-1", 1, 1, 4, False], ["M-a-2", 2, 0, 4, False]]
+    act = Actions(View(_model_metrics(even, waiting, []), table, 2))
     p.decide(act.view, act)
-    assert not [op for op in act.batch() if op[0] == "migrate"]  # moved a moment ago: it settles first
+    ops = act.batch()
+    assert not [op for op in ops if op[0] == "home"]  # a tie keeps the current home: no table change
+    assert not [op for op in ops if op[0] == "migrate"]  # moved a moment ago: it settles first
+    act = Actions(View(_model_metrics([["M-a-0", 0, 0, 4, False], *even[1:]], [], []), table, 3))
+    p.decide(act.view, act)
+    assert ["home", "M", ["M-a-0"]] in act.batch()
     full = [["M-a-0", 4, 3, 4, False], ["M-a-1", 4, 1, 4, False], ["M-a-2", 4, 0, 4, False]]
-    act = Actions(View(_model_metrics(full, [["w", "M-a-0", 5000.0, 1, 0, 0]], []), DecisionTable(), 3))
+    act = Actions(View(_model_metrics(full, [["w", "M-a-0", 9000.0, 1, 0, 0]], []), DecisionTable(), 3))
     CacheAffinity().decide(act.view, act)
     assert not [op for op in act.batch() if op[0] == "migrate"]  # no instance has room: waiting is all there is
 

@@ -13,7 +13,8 @@ Configurations (``--compare`` runs both, one after the other, at every rate):
 * ``baseline``: what the reference design's baselines do, expressed as the ``sticky`` policy alone:
   each session pinned to one instance of every actor by a hash of its id (its first GPU, forever:
   no migration), other calls round-robin, each bound on arrival to its instance's FIFO queue (first
-  come, first served, no priorities), and a static allocation of model instances.
+  come, first served, no priorities) and handed to a model's engine with no KV budget (its own
+  first-come queue and cache do the rest), and a static allocation of model instances.
 
 Per configuration: p50/p95/p99/mean latency of a turn, throughput, failures, and the latency trend
 (median of the last quarter of arrivals over the first quarter: about 1 when latency is bounded, far

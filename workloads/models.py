@@ -19,13 +19,13 @@ import nalar
 ENGINE = "sim:llama3-8b-a100"
 
 
-@nalar.hints(max_concurrency=32)
 class AnalystLLM(nalar.models.LLM):
     """The financial analyst's one shared pool: specialists and the summariser all use it.
 
-    An instance hands its engine at most 32 calls at once (a latency-bound deployment); further calls
-    wait in the node's queue, where they can still go to another instance. Both configurations of
-    ``nalar bench analyst`` have the same limit."""
+    Left at the engine's own limit (256 sequences). Under nalar the node still holds calls back once
+    those running would reserve ``kv_budget`` of the KV cache, keeping room for the conversations
+    (prefixes) of sessions between turns; under the baseline every call goes straight to the engine,
+    whose first-come queue and cache do the rest, as in frameworks without a scheduler."""
 
     engine = ENGINE
 

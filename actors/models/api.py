@@ -130,6 +130,11 @@ class Engine(abc.ABC):
     def stats(self) -> EngineStats:
         return EngineStats()
 
+    def kv_capacity_tokens(self) -> int | None:
+        """Tokens the engine's KV cache holds, once started; ``None`` if it cannot tell (a remote
+        server), and then its model actor does not budget admission."""
+        return None
+
 
 def check_messages(messages: Any) -> list[dict[str, str]]:
     """Chat messages are a list of ``{"role": ..., "content": str}``; anything else is a ``ValueError``."""

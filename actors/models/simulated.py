@@ -119,6 +119,9 @@ class SimEngine(Engine):
             self._drop(s)
             raise
 
+    def kv_capacity_tokens(self) -> int | None:
+        return self.p.kv_capacity_tokens
+
     def stats(self) -> EngineStats:
         running = len(self._prefilling) + len(self._decoding)
         return EngineStats(running, len(self._waiting), self._kv_used / self.p.kv_capacity_tokens,

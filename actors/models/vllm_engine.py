@@ -235,6 +235,15 @@ class VllmEngine(Engine):
         self._kv_usage = float(getattr(stats, "kv_cache_usage", 0.0))
         self._peak_running = max(self._peak_running, self._sched_running)
 
+    def kv_capacity_tokens(self) -> int | None:
+        """GPU (or CPU) KV blocks the engine core allocated, times the block size."""
+        try:
+            cc = self._llm.vllm_config.cache_config
+            n = int(cc.num_gpu_blocks or 0) * int(cc.block_size or 0)
+        except Exception:
+            return None
+        return n or None
+
     def stats(self) -> EngineStats:
         """``running``: sequences in the engine's running batch; ``waiting``: the rest of the requests
         in flight (queued in the scheduler, or still being tokenized). Both are bounded by the
