@@ -154,8 +154,10 @@ class CacheAffinity(Policy):
 
     name = "affinity"
 
-    def __init__(self, keep_rounds: int = 1200, move_after_ms: float = 5000.0, cooldown_rounds: int = 8) -> None:
+    def __init__(self, keep_rounds: int = 1200, move_after_ms: float = 5000.0, cooldown_rounds: int = 8,
+                 max_sessions: int = 10_000) -> None:
         self.keep = keep_rounds
+        self.max_sessions = max_sessions  # pinned at once: the snapshot must fit one NATS message
         self.move_after_ms = move_after_ms
         self.cooldown = cooldown_rounds
         self._seen: dict[tuple[str, str], int] = {}  # (session, actor) -> round its affinity was last set
@@ -173,12 +175,14 @@ class CacheAffinity(Policy):
             for session, inst in actor.recent:
                 if inst in view.instances:
                     act.affinity(session, actor.name, inst)
+                    self._seen.pop((session, actor.name), None)  # (re-inserted: oldest first stays true)
                     self._seen[(session, actor.name)] = view.round
             self._rebalance(view, act, actor)
         for (s, a), r in list(self._seen.items()):
-            if view.round - r >= self.keep:
-                del self._seen[(s, a)]
-                act.affinity(s, a, None)
+            if view.round - r < self.keep and len(self._seen) <= self.max_sessions:
+                break  # oldest first: the rest are newer
+            del self._seen[(s, a)]
+            act.affinity(s, a, None)
 
     @staticmethod
     def _lightest(live: list[InstanceView], current: list[str] | None) -> str:
@@ -208,6 +212,7 @@ class CacheAffinity(Policy):
                 continue
             act.migrate(w.session, w.instance, dst, soft=True)
             self._moved[w.session] = view.round
+            self._seen.pop((w.session, actor.name), None)
             self._seen[(w.session, actor.name)] = view.round
             room[dst] -= calls.get((w.session, w.instance), 1)
             if room[dst] <= 0:

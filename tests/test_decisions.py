@@ -300,3 +300,26 @@ def test_head_of_line_moves_a_model_session_softly_and_a_stateful_one_by_route()
     act = Actions(View(m, DecisionTable(), 1))
     HeadOfLine().decide(act.view, act)
     assert [op[2:] for op in act.batch() if op[0] == "migrate"] == [["s", "M", "M-a-0", "M-a-1"]]
+
+
+def test_the_affinity_policy_forgets_the_oldest_sessions_past_its_cap_and_after_keep_rounds():
+    from nalar.policy.builtin import CacheAffinity
+
+    insts = [["M-a-0", 1, 0, 4, False], ["M-a-1", 0, 0, 4, False]]
+    p = CacheAffinity(keep_rounds=5, max_sessions=2)
+    table = DecisionTable()
+
+    def round_(n: int, recent: list[list[str]]) -> list[list[Any]]:
+        act = Actions(View(_model_metrics(insts, [], recent), table, n))
+        p.decide(act.view, act)
+        ops = act.batch()
+        table.apply({"v": table.version + 1, "prev": table.version, "ops": ops})
+        return ops
+
+    round_(1, [["s1", "M-a-0"], ["s2", "M-a-0"]])
+    round_(2, [["s1", "M-a-1"]])  # s1 served again (moved): now the newest
+    ops = round_(3, [["s3", "M-a-0"]])
+    assert ["affinity", "s2", "M", None] in ops  # the oldest goes when a third would pass the cap
+    assert set(table.affinity["M"]) == {"s1", "s3"}
+    round_(7, [])
+    assert set(table.affinity["M"]) == {"s3"}  # s1 was last set in round 2: 5 rounds ago
