@@ -175,14 +175,18 @@ class CacheAffinity(Policy):
             for session, inst in actor.recent:
                 if inst in view.instances:
                     act.affinity(session, actor.name, inst)
-                    self._seen.pop((session, actor.name), None)  # (re-inserted: oldest first stays true)
-                    self._seen[(session, actor.name)] = view.round
+                    self._pin(session, actor.name, view.round)
             self._rebalance(view, act, actor)
         for (s, a), r in list(self._seen.items()):
             if view.round - r < self.keep and len(self._seen) <= self.max_sessions:
                 break  # oldest first: the rest are newer
             del self._seen[(s, a)]
             act.affinity(s, a, None)
+
+    def _pin(self, session: str, actor: str, round_no: int) -> None:
+        """Note when the session's affinity was set, newest last (so expiry reads oldest first)."""
+        self._seen.pop((session, actor), None)
+        self._seen[(session, actor)] = round_no
 
     @staticmethod
     def _lightest(live: list[InstanceView], current: list[str] | None) -> str:
@@ -212,8 +216,7 @@ class CacheAffinity(Policy):
                 continue
             act.migrate(w.session, w.instance, dst, soft=True)
             self._moved[w.session] = view.round
-            self._seen.pop((w.session, actor.name), None)
-            self._seen[(w.session, actor.name)] = view.round
+            self._pin(w.session, actor.name, view.round)
             room[dst] -= calls.get((w.session, w.instance), 1)
             if room[dst] <= 0:
                 del room[dst]

@@ -35,8 +35,9 @@ class LLM(Model):
     engine: ClassVar[str] = "sim"
     engine_args: ClassVar[dict[str, Any]] = {}
     #: Share of the engine's KV cache that the calls running at once may reserve; the rest keeps
-    #: sessions' prefixes between their turns. 0.3 measured best on the analyst workload (simulated
-    #: A100: 0.25-0.4 hold the prefix-hit rate at 6-8 sessions/s where 0.6 and no budget collapse it).
+    #: sessions' prefixes between their turns. Chosen from sweeps of the analyst workload (simulated
+    #: A100): 0.25-0.4 hold the prefix-hit rate at 6-8 sessions/s where 0.6 and no budget collapse it;
+    #: 0.3 did best at 5-7 sessions/s, 0.25 at 8.
     kv_budget: ClassVar[float | None] = 0.3
     #: Characters per token of the estimate (the engine's own count comes only after admission).
     chars_per_token: ClassVar[float] = 4.0
