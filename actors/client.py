@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
-from typing import Any
+from typing import Any, Callable
 
 from ..bus import discovery, envelope as env
 from ..bus.connection import ConnectOptions, open_connection
-from ..bus.transport import NatsTransport
+from ..bus.transport import NatsTransport, is_no_responders
 from .loop import LoopThread
 from .runtime import Runtime, current_runtime, set_default_runtime
 from .stub import Stub
@@ -32,33 +31,21 @@ def resolve_namespace(namespace: str | None) -> str:
 
 async def gather_status(rt: Runtime, timeout: float = 2.0, quiet: float = 0.3) -> list[dict[str, Any]]:
     """Ask every node for its status; collect answers until none came for ``quiet`` seconds."""
-    inbox = rt.subjects.inbox(rt.proc, f"status{time.monotonic_ns():x}")
     out: list[dict[str, Any]] = []
-    got = asyncio.Event()
 
-    def on(subject: str, reply: str, data: bytes, headers: Any) -> None:
+    def on(data: bytes, headers: dict[str, str] | None) -> bool:
+        if is_no_responders(data, headers):
+            return True  # no node at all
         try:
             ok, value = env.decode_reply(data)
         except Exception:
             rt.count_malformed("status-reply")
-            return
+            return False
         if ok and isinstance(value, dict):
             out.append(value)
-            got.set()
+        return False
 
-    sub = await rt.transport.subscribe(inbox, on)
-    try:
-        await rt.transport.publish(rt.subjects.status, b"{}", None, inbox)
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            got.clear()
-            try:
-                await asyncio.wait_for(got.wait(), min(quiet if out else timeout, end - time.monotonic()))
-            except asyncio.TimeoutError:
-                if out:
-                    break
-    finally:
-        await sub.unsubscribe()
+    await rt.scatter(rt.subjects.status, b"{}", on, timeout, quiet)
     return sorted(out, key=lambda s: str(s.get("node")))
 
 
@@ -88,7 +75,7 @@ class Client:
         from ..bus.errors import UnknownActor
 
         try:
-            got = await self.runtime.transport_request(self.runtime.subjects.policy_status, {}, timeout)
+            got = await self.runtime.request(self.runtime.subjects.policy_status, {}, timeout)
         except (UnknownActor, asyncio.TimeoutError):
             return None
         return got if isinstance(got, dict) else None
@@ -107,8 +94,7 @@ class Client:
             if not st.get("state"):
                 continue
             node = str(st["node"])
-            got = await self.runtime.transport_request(self.runtime.subjects.node(node),
-                                                       {"op": what, "session": session})
+            got = await self.runtime.request(self.runtime.subjects.node(node), {"op": what, "session": session})
             held = got.get("held", [])
             for actor, value in got.get("units", {}).items():
                 # a copy on its way out (or left by a failed move) yields to the holder's
@@ -125,8 +111,8 @@ class Client:
 
     async def migrate_async(self, session: str, src: str, dst: str, timeout: float = 300.0) -> dict[str, Any]:
         """Move every unit of ``session`` held by node ``src`` to node ``dst`` (placement follows once durable)."""
-        return await self.runtime.transport_request(self.runtime.subjects.node(dst),  # type: ignore[no-any-return]
-                                                    {"op": "pull", "session": session, "from": src}, timeout)
+        return await self.runtime.request(self.runtime.subjects.node(dst),  # type: ignore[no-any-return]
+                                          {"op": "pull", "session": session, "from": src}, timeout)
 
     def migrate(self, session: str, src: str, dst: str, timeout: float = 300.0) -> dict[str, Any]:
         return self._run(self.migrate_async(session, src, dst, timeout), timeout + 5)
@@ -175,13 +161,26 @@ class Client:
         await self.aclose()
 
 
+async def open_runtime(url: str | None, namespace: str | None, name: str,
+                       on_closed: Callable[[], None] | None = None, *, connection_name: str | None = None,
+                       start: bool = True) -> Runtime:
+    """The bootstrap every process shares: a NATS connection, its ``NatsTransport``, a ``Runtime`` on the
+    running loop, started.
+
+    ``url`` and ``namespace`` default as for ``connect``; ``on_closed`` runs if the connection is lost for
+    good; ``connection_name`` is how the server lists it (default ``name``). A node passes
+    ``start=False`` to hook itself into the runtime (name, decisions) before it starts.
+    """
+    nc = await open_connection(ConnectOptions.resolve(url, name=connection_name or name), on_closed)
+    rt = Runtime(NatsTransport(nc), resolve_namespace(namespace), name=name)
+    if start:
+        await rt.start()
+    return rt
+
+
 async def _open(url: str | None, namespace: str | None, name: str) -> tuple[Runtime, str]:
-    opts = ConnectOptions.resolve(url, name=name)
-    nc = await open_connection(opts)
-    transport = NatsTransport(nc)
-    rt = Runtime(transport, resolve_namespace(namespace), name=name)
-    await rt.start()
-    return rt, transport.connected_url
+    rt = await open_runtime(url, namespace, name)
+    return rt, rt.transport.connected_url
 
 
 def connect(url: str | None = None, namespace: str | None = None, *, name: str = "nalar-client") -> Client:

@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass
 
 HEARTBEAT_INTERVAL = 1.0
+#: A node whose last heartbeat is older than this is taken for dead (routing, the policy's metrics round).
+LIVENESS_TIMEOUT = 3 * HEARTBEAT_INTERVAL
 ACK_AFTER = 1.0
 
 

@@ -20,18 +20,19 @@ from typing import Any, Callable
 from ..bus import envelope as env
 from ..bus import tracing
 from ..bus.errors import (BadRequest, BusError, Cancelled, DeadlineExceeded, DependencyFailed, MalformedMessage, NalarError,
-                          PayloadTooLarge, RemoteError, Unavailable, UnknownActor, error_from_dict)
+                          PayloadTooLarge, RemoteError, Unavailable, UnknownActor, from_wire)
 from ..bus.subjects import Subjects
-from ..bus.transport import NO_RESPONDERS, STATUS_HEADER, Transport
-from .context import current_call
+from ..bus.transport import NO_RESPONDERS, STATUS_HEADER, Transport, is_no_responders
+from .context import CallScope, current_scope
 from .deadlines import DeadlineWheel
-from .decisions import DecisionTable
+from .control import DecisionTable
 from .future import _LOCK, DONE, FAILED, LOOP_THREADS, PENDING, Future
-from .retry import DEFAULT_RETRY, HEARTBEAT_INTERVAL, RetryPolicy
+from .retry import DEFAULT_RETRY, LIVENESS_TIMEOUT, RetryPolicy
 
 DEFAULT_TIMEOUT = 300.0
-#: Reserved for the ``traceparent`` header when checking a call's size before its span exists.
-_TRACE_HEADER_RESERVE = 80
+#: Stands in for the ``traceparent`` header (W3C: always 55 characters) in the size check, which runs
+#: before the call's span exists.
+_TRACEPARENT_SIZED = "00-" + "0" * 32 + "-" + "0" * 16 + "-00"
 _INHERIT: Any = object()
 _default_runtime: "Runtime | None" = None
 log = logging.getLogger("nalar.runtime")
@@ -53,6 +54,16 @@ def default_timeout() -> float:
     except ValueError:
         log.warning("ignoring NALAR_DEFAULT_TIMEOUT=%r (not a finite number > 0); using %s s", raw, DEFAULT_TIMEOUT)
         return DEFAULT_TIMEOUT
+
+
+def _session_id(session: Any) -> str | None:
+    """A call's session id: one line of at most ``MAX_SESSION_LEN`` characters (else ``ValueError``)."""
+    if session is _INHERIT or session is None:
+        return None
+    session = str(session)
+    if len(session) > env.MAX_SESSION_LEN or "\n" in session or "\r" in session:
+        raise ValueError(f"a session id is one line of at most {env.MAX_SESSION_LEN} characters")
+    return session
 
 
 def current_runtime() -> "Runtime":
@@ -107,6 +118,9 @@ class Runtime:
         self.loop_thread = 0
         self.pending: dict[str, Future[Any]] = {}
         self._ids = itertools.count(1)
+        #: Replies to ``request``/``scatter``, by token ("q<n>": never a call's token, which is hex).
+        self._requests: dict[str, Callable[[bytes, dict[str, str] | None], None]] = {}
+        self._qids = itertools.count(1)
         self._reply_prefix = self.subjects.reply_prefix(self.proc)
         self._plen = len(self._reply_prefix)
         self._out: deque[tuple[str, bytes, dict[str, str] | None, str]] = deque()
@@ -147,7 +161,7 @@ class Runtime:
         self._attempts.stop()
         await self.flush_out()
         for f in list(self.pending.values()):
-            f._finish(FAILED, Cancelled("Cancelled", "the runtime closed", f.actor, f.method, future_id=f.id))
+            f._finish(FAILED, Cancelled("the runtime closed", f.actor, f.method, future_id=f.id))
         self.pending.clear()
         await self.transport.close()
         LOOP_THREADS.discard(self.loop_thread)
@@ -158,13 +172,13 @@ class Runtime:
     # -- decisions ---------------------------------------------------------------------------------
     async def load_decisions(self) -> None:
         """Take the decisions in force from the policy actor's snapshot (none yet, or no JetStream: none)."""
-        nc = getattr(self.transport, "nc", None)
-        if nc is None:
+        js = self.transport.jetstream()
+        if js is None:
             return
         from ..bus import kv as bkv
 
         try:
-            kv = await asyncio.wait_for(bkv.open_bucket(nc, bkv.policy_bucket(self.subjects.ns), "policy decisions",
+            kv = await asyncio.wait_for(bkv.open_bucket(js, bkv.policy_bucket(self.subjects.ns), "policy decisions",
                                                         create=False), 5)
             got = await asyncio.wait_for(bkv.get(kv, bkv.POLICY_KEY), 5) if kv is not None else None
         except Exception as e:  # no JetStream, say: serving goes on; the next broadcast brings decisions
@@ -221,7 +235,7 @@ class Runtime:
     def alive(self, node: str) -> bool:
         """Has ``node`` sent a heartbeat within the last few intervals?"""
         seen = self.node_seen.get(node)
-        return seen is not None and time.monotonic() - seen[0] < 3 * HEARTBEAT_INTERVAL
+        return seen is not None and time.monotonic() - seen[0] < LIVENESS_TIMEOUT
 
     # -- thread hand-off -------------------------------------------------------------------------
     def on_loop(self) -> bool:
@@ -286,75 +300,92 @@ class Runtime:
         """Create the future and send the call; returns at once. Non-JSON arguments raise ``TypeError``."""
         if self.closed or self.transport.closed:
             raise BusError("this nalar runtime is closed (or lost its NATS connection for good)")
-        n = next(self._ids)
-        token = f"{n:x}"
-        fid = f"{self.proc}-{token}"
-        fut: Future[Any] = Future(fid, actor, method, self)
-        parent = current_call.get()
-        now = time.time()
-        deadline = now + (check_timeout(timeout) if timeout is not None else self.default_timeout)
-        headers = {env.H_ID: fid}
-        if parent is not None:
-            if parent.done:  # a cancelled or expired call may not start new work
-                fut._finish(FAILED, Cancelled("Cancelled", "the calling method was cancelled or its deadline "
-                                              "passed", actor, method, future_id=fid))
-                return fut
-            if parent.deadline and parent.deadline < deadline:
-                deadline = parent.deadline
-            headers[env.H_REQ] = parent.request
-            headers[env.H_PARENT] = parent.id
-            if session is _INHERIT:
-                session = parent.session
-            if priority is None and parent.priority:
-                priority = parent.priority
-            if parent.children is None:
-                parent.children = [fut]
-            else:
-                parent.children.append(fut)
-            headers[env.H_STAGE] = str(parent.stage + len(parent.children))
-        headers[env.H_BORN] = str(parent.born) if parent is not None and parent.born else str(int(now * 1_000_000))
-        headers[env.H_DEADLINE] = f"{deadline:.3f}"
-        if parent is not None and parent.unit and actor == parent.group.name and session == parent.session:
-            fut._finish(FAILED, BadRequest(
-                "BadRequest", f"{actor}.{method}: a stateful call may not call its own actor in its own session "
-                "(the session's calls run one at a time, so it would wait for itself)", actor, method, future_id=fid))
-            return fut
-        if session is not _INHERIT and session is not None:
-            session = str(session)
-            if len(session) > env.MAX_SESSION_LEN or "\n" in session or "\r" in session:
-                raise ValueError(f"a session id is one line of at most {env.MAX_SESSION_LEN} characters")
-            headers[env.H_SESSION] = session
-        if priority:
-            headers[env.H_PRIORITY] = str(int(priority))
+        token = f"{next(self._ids):x}"
+        fut: Future[Any] = Future(f"{self.proc}-{token}", actor, method, self)
+        scope = current_scope.get()
         policy = DEFAULT_RETRY if retry is None else retry
-        if policy.attempts > 1:
-            headers[env.H_ATTEMPT] = "0"  # asks the executor to acknowledge it if it holds it long
-
-        enc = _DepEncoder()
+        traced = tracing.TRACER is not None
+        meta = self._meta(fut, scope, session, timeout, priority, policy.attempts > 1, traced)
+        if meta is None:  # failed at once
+            return fut
+        headers = meta.to_headers()
+        enc = _CallEncoder()
         data = env.encode_call(method, args, kwargs, enc)
-        deps = enc.deps
         limit = self.transport.max_payload
-        if limit:
-            env.check_size(data, headers, limit - _TRACE_HEADER_RESERVE, f"the call {actor}.{method}")
-        if tracing.TRACER is not None:
-            self._trace_call(fut, parent, headers)
+        if not env.fits(data, headers, limit):  # (the message is only built for the error)
+            env.check_size(data, headers, limit, f"the call {actor}.{method}")
+        if traced:
+            self._trace_call(fut, scope, headers)
+        self._start(fut, token, meta, headers, data, enc, policy, args, kwargs)
+        return fut
+
+    def _start(self, fut: Future[Any], token: str, meta: env.CallMeta, headers: dict[str, str], data: bytes,
+               enc: _CallEncoder, policy: RetryPolicy, args: Any, kwargs: Any) -> None:
+        """Route it, register its future (and what a retry needs), then send it or wait for its arguments."""
         self.counters["calls"] += 1
-        subject = self.route(actor, session if isinstance(session, str) else None)
+        subject = self.route(fut.actor, meta.session)
         reply = self._reply_prefix + token
         self.pending[token] = fut
         if self.closed:  # closed while we were building it
-            self._fail(fut, Cancelled("Cancelled", "the runtime closed", actor, method, future_id=fid))
-            return fut
+            self._fail(fut, Cancelled("the runtime closed", fut.actor, fut.method, future_id=fut.id))
+            return
         if policy.attempts > 1:
             fut._retry = _Retry(policy, subject, args, kwargs or None, headers, reply)
-        if deps:
-            self._after_deps(fut, deps, subject, method, args, kwargs, headers, reply, deadline)
+        if enc.deps:
+            self._after_deps(fut, enc.deps, enc.marks, env.Template(data, enc.n_bytes), subject, headers, reply,
+                             meta.deadline)
         elif self.on_loop():
-            fut._wk = self._wheel.add(deadline, fut)
+            fut._wk = self._wheel.add(meta.deadline, fut)
             self._send_call(fut, subject, data, headers, reply)
         else:
-            self.post(self._submit, fut, deadline, subject, data, headers, reply)
-        return fut
+            self.post(self._submit, fut, meta.deadline, subject, data, headers, reply)
+
+    def _meta(self, fut: Future[Any], scope: CallScope | None, session: Any, timeout: float | None,
+              priority: int | None, retries: bool, traced: bool) -> env.CallMeta | None:
+        """The call's headers as a record: its own settings and what it inherits from the calling scope.
+
+        ``None`` when the call fails at once (``fut`` is failed): its scope is closed, or it would wait
+        for itself. A bad session id raises ``ValueError``. ``attempt`` 0 asks the executor to
+        acknowledge the call if it holds it long (the caller retries); the ``traceparent`` stand-in lets
+        the size check count the real one, which ``_trace_call`` writes (same length).
+        """
+        now = time.time()
+        deadline = now + (check_timeout(timeout) if timeout is not None else self.default_timeout)
+        if scope is not None:
+            return self._child_meta(fut, scope, session, deadline, priority, retries, traced, now)
+        return env.CallMeta(fut.id, "", _session_id(session), None, deadline, int(priority) if priority else 0,
+                            0 if retries else -1, 0, int(now * 1_000_000), None,
+                            _TRACEPARENT_SIZED if traced else None)
+
+    @staticmethod
+    def _child_meta(fut: Future[Any], scope: CallScope, session: Any, deadline: float, priority: int | None,
+                    retries: bool, traced: bool, now: float) -> env.CallMeta | None:
+        """A child call: in its scope's request, capped by its deadline, counted among its children,
+        in its session and at its priority unless it names its own."""
+        if scope.closed:  # a cancelled or expired call may not start new work
+            fut._finish(FAILED, Cancelled("the calling method was cancelled or its deadline passed", fut.actor,
+                                          fut.method, future_id=fut.id))
+            return None
+        if session is _INHERIT:
+            session = scope.session
+        if priority is None:
+            priority = scope.priority
+        children = scope.children
+        if children is None:
+            children = scope.children = [fut]
+        else:
+            children.append(fut)
+        if scope.holds_unit and fut.actor == scope.actor and session == scope.session:
+            fut._finish(FAILED, BadRequest(
+                f"{fut.actor}.{fut.method}: a stateful call may not call its own actor in its own session "
+                "(the session's calls run one at a time, so it would wait for itself)", fut.actor, fut.method,
+                future_id=fut.id))
+            return None
+        if scope.deadline and scope.deadline < deadline:
+            deadline = scope.deadline
+        return env.CallMeta(fut.id, scope.request, _session_id(session), scope.id, deadline,
+                            int(priority) if priority else 0, 0 if retries else -1, scope.stage + len(children),
+                            scope.born or int(now * 1_000_000), None, _TRACEPARENT_SIZED if traced else None)
 
     def _send_call(self, fut: Future[Any], subject: str, data: bytes, headers: dict[str, str], reply: str) -> None:
         """Publish (loop thread); a call that may be retried also gets its liveness check armed."""
@@ -371,9 +402,12 @@ class Runtime:
         if data is not None:
             self._send_call(fut, subject, data, headers, reply)
 
-    def _after_deps(self, fut: Future[Any], deps: list[Future[Any]], subject: str, method: str,
-                    args: Any, kwargs: Any, headers: dict[str, str], reply: str, deadline: float) -> None:
-        """The call waits (here, at its creator) until every future argument has its value."""
+    def _after_deps(self, fut: Future[Any], deps: list[Future[Any]], marks: list[bytes], body: env.Template,
+                    subject: str, headers: dict[str, str], reply: str, deadline: float) -> None:
+        """The call waits (here, at its creator) until every future argument has its value.
+
+        Its body was encoded once, with ``marks[i]`` where ``deps[i]`` goes: their values are spliced in.
+        """
         failed = next((d for d in deps if d._state == FAILED), None)
         if failed is not None:
             self._fail_dep(fut, failed)
@@ -392,10 +426,10 @@ class Runtime:
                 last = left[0] == 0
             if last:
                 try:
-                    data = env.encode_call(method, args, kwargs, _DepEncoder())
+                    data = body.fill([(m, d._value) for m, d in zip(marks, deps)])
                     env.check_size(data, headers, self.transport.max_payload, f"the call {fut.actor}.{fut.method}")
                 except (TypeError, PayloadTooLarge) as e:
-                    self._fail(fut, BadRequest(type(e).__name__, str(e), fut.actor, fut.method, future_id=fut.id))
+                    self._fail(fut, BadRequest(str(e), fut.actor, fut.method, future_id=fut.id, type=type(e).__name__))
                     return
                 self.post(self._send_call, fut, subject, data, headers, reply)
 
@@ -404,9 +438,9 @@ class Runtime:
 
     def _fail_dep(self, fut: Future[Any], dep: Future[Any]) -> None:
         err = dep._value
-        chain = [err.to_dict()] + list(err.chain) if isinstance(err, RemoteError) else []
-        self._fail(fut, DependencyFailed(type(err).__name__, f"argument future {dep.id} failed: {err}",
-                                         fut.actor, fut.method, chain=chain, future_id=fut.id))
+        chain = [err.to_wire()] + list(err.chain) if isinstance(err, RemoteError) else []
+        self._fail(fut, DependencyFailed(f"argument future {dep.id} failed: {err}", fut.actor, fut.method,
+                                         chain=chain, future_id=fut.id, type=type(err).__name__))
 
     def _fail(self, fut: Future[Any], err: BaseException) -> bool:
         """Fail a future that never got a reply: out of ``pending`` and off the deadline wheel."""
@@ -427,10 +461,10 @@ class Runtime:
                 self._attempts.discard(r.rk, fut)
             fut._retry = None
 
-    def _trace_call(self, fut: Future[Any], parent: Any, headers: dict[str, str]) -> None:
+    def _trace_call(self, fut: Future[Any], scope: CallScope | None, headers: dict[str, str]) -> None:
         from opentelemetry.trace import SpanKind
 
-        ctx = parent.otel_ctx if parent is not None and parent.otel_ctx is not None else None
+        ctx = scope.otel_ctx if scope is not None else None
         span = tracing.TRACER.start_span(f"call {fut.actor}.{fut.method}", context=ctx, kind=SpanKind.CLIENT,
                                          attributes={"nalar.future": fut.id, "nalar.actor": fut.actor,
                                                      "nalar.method": fut.method})
@@ -444,7 +478,14 @@ class Runtime:
             self._on_ack(data)
             return
         fut = self.pending.pop(token, None)
-        if fut is None:  # late (after a deadline or cancel), or not a reply at all
+        if fut is None:  # a control request's; or late (after a deadline or cancel), or not a reply at all
+            if token[:1] == "q":  # ``request``/``scatter``: any body (metrics, acks...), the handler decodes it
+                on = self._requests.get(token)
+                if on is not None:
+                    on(data, headers)
+                else:  # it has ended
+                    self.counters["late_replies"] += 1
+                return
             try:
                 env.decode_reply(data)
                 self.counters["late_replies"] += 1
@@ -460,18 +501,18 @@ class Runtime:
                 return  # none serves it right now (a node reconnecting or restarting?): look again shortly
             self._disarm(fut)
             fut._finish(FAILED, UnknownActor(
-                "UnknownActor", f"no node serves actor {fut.actor!r} in namespace {self.subjects.ns!r}",
+                f"no node serves actor {fut.actor!r} in namespace {self.subjects.ns!r}",
                 fut.actor, fut.method, future_id=fut.id))
             return
         try:
             ok, value = env.decode_reply(data)
             if not ok:
-                value = error_from_dict(value)
+                value = from_wire(value)
         except Exception as e:  # MalformedMessage, or anything odd: the future must still resolve
             self.count_malformed("reply")
             self._disarm(fut)
-            fut._finish(FAILED, BadRequest("MalformedMessage", f"malformed reply: {e}", fut.actor, fut.method,
-                                           future_id=fut.id))
+            fut._finish(FAILED, BadRequest(f"malformed reply: {e}", fut.actor, fut.method, future_id=fut.id,
+                                           type="MalformedMessage"))
             return
         if not ok and r is not None and (value.kind in _RETRYABLE_KINDS or
                                          (r.policy.retry_errors and value.kind == "error")):
@@ -523,7 +564,7 @@ class Runtime:
             return
         token = fut.id.rpartition("-")[2]
         if not self._retry_later(fut, token):
-            self._fail(fut, Unavailable("Unavailable", f"no executor answered after {r.attempt + 1} attempts "
+            self._fail(fut, Unavailable(f"no executor answered after {r.attempt + 1} attempts "
                                                        f"of {timeout:g} s each", fut.actor, fut.method,
                                         future_id=fut.id))
 
@@ -558,13 +599,13 @@ class Runtime:
             return
         self.pending.pop(fut.id.rpartition("-")[2], None)
         self._disarm(fut)
-        fut._finish(FAILED, DeadlineExceeded("DeadlineExceeded", "the call's deadline passed", fut.actor,
+        fut._finish(FAILED, DeadlineExceeded("the call's deadline passed", fut.actor,
                                              fut.method, future_id=fut.id))
         self.send(self.subjects.cancel, env.dumps({"ids": [fut.id]}))
 
     def cancel(self, fut: Future[Any]) -> bool:
         """Fail the future as cancelled here and tell every node to stop its work (and its children)."""
-        ok = self._fail(fut, Cancelled("Cancelled", "cancelled by caller", fut.actor, fut.method, future_id=fut.id))
+        ok = self._fail(fut, Cancelled("cancelled by caller", fut.actor, fut.method, future_id=fut.id))
         if ok and not self.closed:
             body = env.dumps({"ids": [fut.id]})
             if self.on_loop():
@@ -573,47 +614,125 @@ class Runtime:
                 self.post(self.send, self.subjects.cancel, body)
         return ok
 
-    async def transport_request(self, subject: str, body: dict[str, Any], timeout: float = 30.0) -> Any:
-        """One control request/reply (not a call): returns the value or raises ``RemoteError``."""
-        inbox = self.subjects.inbox(self.proc, f"req{next(self._ids):x}")
-        loop = asyncio.get_running_loop()
-        got: asyncio.Future[bytes] = loop.create_future()
+    # -- control requests (not calls), over the same reply subscription ----------------------------
+    async def request(self, subject: str, body: dict[str, Any] | bytes, timeout: float = 30.0) -> Any:
+        """One control request/reply (not a call): the reply's value.
 
-        def on(subj: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
-            if not got.done():
-                if not data and headers and headers.get(STATUS_HEADER) == NO_RESPONDERS:
-                    got.set_exception(UnknownActor("NoResponders", f"nobody listens on {subject}"))
-                else:
-                    got.set_result(data)
+        Raises the ``RemoteError`` the responder answered with (its subclass from the error's kind),
+        ``UnknownActor`` if nobody listens on ``subject`` (NATS's no-responders answer),
+        ``MalformedMessage`` if the answer is not a reply, and ``asyncio.TimeoutError`` if none came
+        within ``timeout`` seconds.
+        """
+        got: list[tuple[bytes, dict[str, str] | None]] = []
 
-        sub = await self.transport.subscribe(inbox, on)
-        try:
-            await self.transport.publish(subject, env.dumps(body), None, inbox)
-            data = await asyncio.wait_for(got, timeout)
-        finally:
-            await sub.unsubscribe()
+        def on(data: bytes, headers: dict[str, str] | None) -> bool:
+            got.append((data, headers))
+            return True
+
+        await self.scatter(subject, body, on, timeout)
+        if not got:
+            raise asyncio.TimeoutError(f"no reply on {subject} within {timeout:g} s")
+        data, headers = got[0]
+        if is_no_responders(data, headers):
+            raise UnknownActor(f"nobody listens on {subject}", type="NoResponders")
         ok, value = env.decode_reply(data)
         if not ok:
-            raise error_from_dict(value)
+            raise from_wire(value)
         return value
+
+    async def scatter(self, subject: str, body: dict[str, Any] | bytes,
+                      on: Callable[[bytes, dict[str, str] | None], bool | None], timeout: float,
+                      quiet: float | None = None) -> None:
+        """Publish one control message and hand every reply to it to ``on(data, headers)``.
+
+        The replies come on the runtime's reply subscription (token ``q<n>``), not on an inbox of their
+        own. It returns when ``on`` returns True, after ``timeout`` seconds, or, with ``quiet``, once
+        no reply came for ``quiet`` seconds after the last one; replies after that are counted as
+        ``late_replies``. ``on`` sees every reply raw, headers included (``Nalar-Seq`` of a transfer,
+        say); NATS's answer when nobody listens on ``subject`` is one too: empty data with
+        ``Status: 503`` (``is_no_responders``), and the only one. An exception in ``on`` ends it and
+        is raised here. Call it on the runtime's loop.
+        """
+        token = f"q{next(self._qids):x}"
+        loop = asyncio.get_running_loop()
+        wake: asyncio.Future[None] | None = None
+        heard = False
+        ended = False
+        error: BaseException | None = None
+
+        def handler(data: bytes, headers: dict[str, str] | None) -> None:
+            nonlocal heard, ended, error
+            heard = True
+            try:
+                ended = bool(on(data, headers))
+            except Exception as e:
+                ended, error = True, e
+            if ended:
+                self._requests.pop(token, None)
+            if wake is not None and not wake.done():
+                wake.set_result(None)
+
+        self._requests[token] = handler
+        try:
+            data = body if isinstance(body, bytes) else env.dumps(body)
+            await self.transport.publish(subject, data, None, self._reply_prefix + token)
+            end = loop.time() + timeout
+            while not ended:
+                left = end - loop.time()
+                if left <= 0:
+                    break
+                wake = loop.create_future()
+                try:
+                    await asyncio.wait_for(wake, quiet if heard and quiet is not None and quiet < left else left)
+                except asyncio.TimeoutError:
+                    break  # quiet for ``quiet`` seconds, or ``timeout`` is up
+        finally:
+            self._requests.pop(token, None)
+        if error is not None:
+            raise error
 
     def count_malformed(self, where: str) -> None:
         self.malformed[where] = self.malformed.get(where, 0) + 1
 
 
 class _DepEncoder(env.Encoder):
-    """Also encodes futures: a finished one becomes its value, a pending one a dependency."""
+    """Also encodes futures, for a re-send (every future it holds has finished): a future becomes its value."""
 
-    __slots__ = ("deps",)
+    __slots__ = ()
+
+    def __call__(self, obj: Any) -> Any:
+        if isinstance(obj, Future):
+            return obj._value if obj._state == DONE else None
+        return super().__call__(obj)
+
+
+class _CallEncoder(env.Encoder):
+    """Also encodes futures: a finished one becomes its value, a pending one a dependency.
+
+    A pending one encodes as a placeholder unique to this call (``marks``: their encoded forms, one
+    per entry of ``deps``), for ``Template.fill`` to splice its value into once it has one.
+    """
+
+    __slots__ = ("deps", "marks", "_nonce")
 
     def __init__(self) -> None:
-        super().__init__()
-        self.deps: list[Future[Any]] = []
+        self.n_bytes = 0
+        self.deps: list[Future[Any]] = []  # ``marks`` and ``_nonce`` exist once this is not empty
 
     def __call__(self, obj: Any) -> Any:
         if isinstance(obj, Future):
             if obj._state == DONE:
                 return obj._value
-            self.deps.append(obj)
-            return None
+            deps = self.deps
+            if not deps:
+                self.marks: list[bytes] = []
+                self._nonce = secrets.token_hex(8)
+            for i, d in enumerate(deps):  # the same future twice: one placeholder
+                if d is obj:
+                    return self.marks[i][1:-1].decode()
+            mark = f"$nalar-future:{self._nonce}:{len(deps)}"
+            deps.append(obj)
+            self.marks.append(b'"' + mark.encode() + b'"')
+            return mark
         return super().__call__(obj)
+

@@ -2,18 +2,19 @@
 
 A call carries headers ``Nalar-Id`` (the future id, required), ``Nalar-Deadline`` (absolute Unix time
 in seconds), and when set ``Nalar-Req`` (root request id), ``Nalar-Session``, ``Nalar-Parent``,
-``Nalar-Priority``, ``Nalar-Attempt`` and W3C ``traceparent``; its body is
+``Nalar-Priority``, ``Nalar-Attempt``, ``Nalar-Stage``, ``Nalar-Born``, ``Nalar-Fwd`` and W3C
+``traceparent``: ``CallMeta`` is that schema, written and read in one place. Its body is
 ``{"m": method, "a": [args...], "k": {kwargs...}}``. A reply carries ``Nalar-Id`` and a body of
 ``{"v": value}`` or ``{"e": {error}}``. Values are JSON; ``bytes`` travel as ``{"$bytes": base64}``
 and come back as ``bytes`` (a body holding them says so with ``"b": count``, so a user's own
 ``$bytes`` key is left alone); dataclasses travel as objects and come back as dicts. Nothing is pickled
-and nothing in a message is ever evaluated.
+and nothing in a message is ever evaluated. ``fits``/``check_size`` are the one payload-size rule.
 """
 from __future__ import annotations
 
 import base64
 import math
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, overload
 
 import orjson
 
@@ -120,20 +121,56 @@ def header_size(headers: dict[str, str] | None) -> int:
 
 
 #: nalar's own headers stay under this (ids <= 128 chars, sessions <= 256): exact counting is only
-#: needed for bodies this close to the limit.
+#: needed for bodies this close to the limit, and a body sent without headers of its own (a chunk of
+#: a state transfer) leaves this much room for them.
 HEADER_ALLOWANCE = 2048
+
+
+def fits(data: bytes, headers: dict[str, str] | None, limit: int) -> bool:
+    """Whether body and headers fit ``limit`` (0: no limit), as the server counts them."""
+    return not limit or len(data) + HEADER_ALLOWANCE <= limit or len(data) + header_size(headers) <= limit
 
 
 def check_size(data: bytes, headers: dict[str, str] | None, limit: int, what: str) -> None:
     """Raise ``PayloadTooLarge`` before the server would refuse (and drop our connection)."""
-    if limit and len(data) + HEADER_ALLOWANCE > limit:
-        size = len(data) + header_size(headers)
-        if size > limit:
-            raise PayloadTooLarge(size, limit, what)
+    if not fits(data, headers, limit):
+        raise PayloadTooLarge(len(data) + header_size(headers), limit, what)
 
 
 def encode_call(method: str, args: Any, kwargs: Any, enc: Encoder | None = None) -> bytes:
     return _tagged({"m": method, "a": args, "k": kwargs}, enc or Encoder())
+
+
+class Template:
+    """An encoded body with placeholders where values are still to come (futures passed as arguments).
+
+    The body is encoded once; ``fill`` splices each value's encoding in place of its placeholder and
+    recounts the ``"b"`` tag, so the rest of the body is never encoded again.
+    """
+
+    __slots__ = ("head", "n_bytes")
+
+    def __init__(self, data: bytes, n_bytes: int) -> None:
+        #: the body without its ``"b"`` tag and closing brace (a fresh, exact-size copy)
+        self.head = data[:-len(b',"b":%d}' % n_bytes)] if n_bytes else data[:-1]
+        #: bytes values in ``head``
+        self.n_bytes = n_bytes
+
+    def fill(self, values: list[tuple[bytes, Any]]) -> bytes:
+        """The body with each ``(encoded placeholder, value)`` spliced in; ``TypeError`` as ``encode_call``."""
+        data, n = self.head, self.n_bytes
+        for mark, value in values:
+            enc = Encoder()
+            part = dumps(value, enc)
+            if enc.n_bytes:
+                n += enc.n_bytes * data.count(mark)
+            data = data.replace(mark, part)
+        if n:
+            if data.count(_BYTES_MARK) != n:
+                raise TypeError("a dict whose only key is '$bytes' cannot be sent together with bytes values "
+                                "(the key is reserved for them)")
+            return data + b',"b":%d}' % n
+        return data + b"}"
 
 
 def encode_result(value: Any) -> bytes:
@@ -155,27 +192,112 @@ def encode_error(err: dict[str, Any]) -> bytes:
     return orjson.dumps({"e": err}, default=str)
 
 
+class CallMeta:
+    """What a call's headers carry: written by the caller's runtime, read (and forwarded) by nodes."""
+
+    __slots__ = ("id", "request", "session", "parent", "deadline", "priority", "attempt", "stage", "born",
+                 "fwd", "traceparent")
+
+    id: str
+    """The future id (``Nalar-Id``): a retry keeps it, so the executor answers it once."""
+    request: str
+    """The root call's id (``Nalar-Req``): every call of one request shares it; the id for a root."""
+    session: str | None
+    """The session the call belongs to (``Nalar-Session``): its state, its route, its turn."""
+    parent: str | None
+    """The id of the call that made this one (``Nalar-Parent``), ``None`` for a root."""
+    deadline: float
+    """Absolute Unix time when the call must be done (``Nalar-Deadline``); 0.0: not set."""
+    priority: int
+    """Higher runs first in queues (``Nalar-Priority``)."""
+    attempt: int
+    """Which attempt this is (``Nalar-Attempt``); -1: the caller does not retry, so it wants no acks."""
+    stage: int
+    """How many calls its request made before it (``Nalar-Stage``): for SRTF-like policies."""
+    born: int
+    """When its request started, Unix µs (``Nalar-Born``): queues serve older requests first."""
+    fwd: str | None
+    """The node that forwarded it (``Nalar-Fwd``): a call is forwarded at most once."""
+    traceparent: str | None
+    """W3C trace context of the caller's span (``traceparent``)."""
+
+    def __init__(self, id: str, request: str = "", session: str | None = None, parent: str | None = None,
+                 deadline: float = 0.0, priority: int = 0, attempt: int = -1, stage: int = 0, born: int = 0,
+                 fwd: str | None = None, traceparent: str | None = None) -> None:
+        self.id = id
+        self.request = request
+        self.session = session
+        self.parent = parent
+        self.deadline = deadline
+        self.priority = priority
+        self.attempt = attempt
+        self.stage = stage
+        self.born = born
+        self.fwd = fwd
+        self.traceparent = traceparent
+
+    def to_headers(self) -> dict[str, str]:
+        """The headers, leaving out fields at their defaults (``from_headers`` restores them)."""
+        fid = self.id
+        h = {H_ID: fid}
+        v = self.request
+        if v and v != fid:
+            h[H_REQ] = v
+        if self.parent is not None:
+            h[H_PARENT] = self.parent
+        if self.stage:
+            h[H_STAGE] = str(self.stage)
+        if self.born:
+            h[H_BORN] = str(self.born)
+        if self.deadline:
+            h[H_DEADLINE] = f"{self.deadline:.3f}"
+        if self.session is not None:
+            h[H_SESSION] = self.session
+        if self.priority:
+            h[H_PRIORITY] = str(self.priority)
+        if self.attempt >= 0:
+            h[H_ATTEMPT] = str(self.attempt)
+        if self.fwd is not None:
+            h[H_FWD] = self.fwd
+        if self.traceparent is not None:
+            h[H_TRACEPARENT] = self.traceparent
+        return h
+
+    @classmethod
+    def from_headers(cls, headers: dict[str, str] | None) -> "CallMeta":
+        """Validate and read a call's headers; raises ``MalformedMessage`` with the reason."""
+        fid = _id_header(headers)
+        assert headers is not None
+        try:
+            d = headers.get(H_DEADLINE)
+            deadline = float(d) if d else 0.0
+            p = headers.get(H_PRIORITY)
+            a = headers.get(H_ATTEMPT)
+            st = headers.get(H_STAGE)
+            b = headers.get(H_BORN)
+            m = cls(fid, headers.get(H_REQ) or fid, headers.get(H_SESSION), headers.get(H_PARENT), deadline,
+                    int(p) if p else 0, int(a) if a else -1, int(st) if st else 0, int(b) if b else 0,
+                    headers.get(H_FWD), headers.get(H_TRACEPARENT))
+        except ValueError:
+            raise MalformedMessage("call has a non-numeric deadline, priority, attempt, stage or born header") from None
+        if not math.isfinite(deadline) or deadline < 0:
+            raise MalformedMessage("call has a deadline that is not a finite Unix time")
+        return m
+
+
 class CallMessage:
     """A validated incoming call. The node extends it with its own bookkeeping fields."""
 
-    __slots__ = ("id", "request", "session", "parent", "deadline", "priority", "attempt",
-                 "traceparent", "method", "args", "kwargs", "reply", "stage", "fwd", "born")
+    __slots__ = ("meta", "method", "args", "kwargs", "reply", "data")
 
-    id: str
-    request: str
-    session: str | None
-    parent: str | None
-    deadline: float
-    priority: int
-    attempt: int
-    stage: int
-    born: int
-    fwd: str | None
-    traceparent: str | None
+    meta: CallMeta
     method: str
     args: list[Any]
     kwargs: dict[str, Any]
     reply: str
+    data: bytes | None
+    """The body as received, so a node can forward the call without encoding it again (dropped when it
+    starts)."""
 
 
 def _id_header(headers: dict[str, str] | None) -> str:
@@ -190,10 +312,16 @@ def _id_header(headers: dict[str, str] | None) -> str:
 C = TypeVar("C", bound=CallMessage)
 
 
-def decode_call(data: bytes, headers: dict[str, str] | None, reply: str, cls: type[C]) -> C:
-    """Validate and decode one call; raises ``MalformedMessage`` with the reason."""
-    fid = _id_header(headers)
-    assert headers is not None
+@overload
+def decode_call(data: bytes, headers: dict[str, str] | None, reply: str) -> CallMessage: ...
+@overload
+def decode_call(data: bytes, headers: dict[str, str] | None, reply: str, cls: type[C]) -> C: ...
+
+
+def decode_call(data: bytes, headers: dict[str, str] | None, reply: str,
+                cls: type[CallMessage] = CallMessage) -> CallMessage:
+    """Validate and decode one call into ``cls()`` (the node's subclass); raises ``MalformedMessage``."""
+    meta = CallMeta.from_headers(headers)
     try:
         body = orjson.loads(data)
     except orjson.JSONDecodeError as e:
@@ -211,36 +339,17 @@ def decode_call(data: bytes, headers: dict[str, str] | None, reply: str, cls: ty
         args = unwrap_bytes(args, "call")
         kwargs = unwrap_bytes(kwargs, "call")
     c = cls()
-    c.id = fid
-    c.request = headers.get(H_REQ) or fid
-    c.session = headers.get(H_SESSION)
-    c.parent = headers.get(H_PARENT)
-    c.traceparent = headers.get(H_TRACEPARENT)
-    c.fwd = headers.get(H_FWD)
-    try:
-        d = headers.get(H_DEADLINE)
-        c.deadline = float(d) if d else 0.0
-        p = headers.get(H_PRIORITY)
-        c.priority = int(p) if p else 0
-        a = headers.get(H_ATTEMPT)
-        c.attempt = int(a) if a else -1  # -1: the caller does not retry (so it wants no acks)
-        st = headers.get(H_STAGE)
-        c.stage = int(st) if st else 0
-        b = headers.get(H_BORN)
-        c.born = int(b) if b else 0
-    except ValueError:
-        raise MalformedMessage("call has a non-numeric deadline, priority, attempt, stage or born header") from None
-    if not math.isfinite(c.deadline) or c.deadline < 0:
-        raise MalformedMessage("call has a deadline that is not a finite Unix time")
+    c.meta = meta
     c.method = method
     c.args = args
     c.kwargs = kwargs
     c.reply = reply
+    c.data = data
     return c
 
 
 def decode_reply(data: bytes) -> tuple[bool, Any]:
-    """Return ``(True, value)`` or ``(False, error_dict)``; raises ``MalformedMessage``."""
+    """Return ``(True, value)`` or ``(False, wire)`` (``errors.from_wire`` reads it); raises ``MalformedMessage``."""
     try:
         body = orjson.loads(data)
     except orjson.JSONDecodeError as e:

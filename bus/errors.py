@@ -1,11 +1,13 @@
 """Errors that cross process boundaries.
 
 They live at the bottom layer because the envelope codec turns them into bytes and back; every other
-layer raises or catches them through ``nalar``'s public names.
+layer raises or catches them through ``nalar``'s public names. The wire form of an error has one home,
+both directions: ``RemoteError.to_wire``/``from_wire`` for nalar's own, ``to_wire`` for what user code raised.
 """
 from __future__ import annotations
 
-from typing import Any
+import traceback as _tb
+from typing import Any, Callable
 
 import pykka
 
@@ -47,7 +49,7 @@ class RemoteError(NalarError):
 
     Carries what the executor reported: the remote exception's type name, its message, where it ran
     (actor, method) and the remote traceback, plus ``chain``, the errors of the futures below it
-    when it came from a nested call.
+    when it came from a nested call. ``to_wire``/``from_wire`` are its wire form, both directions here.
     """
 
     kind = "error"
@@ -78,7 +80,8 @@ class RemoteError(NalarError):
             text += "\n--- remote traceback ---\n" + self.traceback.rstrip()
         return text
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_wire(self) -> dict[str, Any]:
+        """The ``{"e": ...}`` part of a reply; ``from_wire`` reads it back (as this subclass, by ``kind``)."""
         return {
             "kind": self.kind,
             "type": self.type,
@@ -91,55 +94,73 @@ class RemoteError(NalarError):
         }
 
 
-class UnknownActor(RemoteError):
+class _Own(RemoteError):
+    """A failure nalar itself reports: its ``type`` is the class name unless told otherwise (a
+    ``BadRequest`` for a ``TypeError`` says ``type="TypeError"``)."""
+
+    def __init__(
+        self,
+        message: str,
+        actor: str = "",
+        method: str = "",
+        *,
+        traceback: str = "",
+        chain: list[dict[str, Any]] | None = None,
+        future_id: str = "",
+        type: str | None = None,
+    ) -> None:
+        super().__init__(type or self.__class__.__name__, message, actor, method, traceback, chain, future_id)
+
+
+class UnknownActor(_Own):
     """No node serves the actor that was called (answered at once by NATS' no-responders status)."""
 
     kind = "unknown_actor"
 
 
-class UnknownMethod(RemoteError, AttributeError):
+class UnknownMethod(_Own, AttributeError):
     """The actor exists but has no public method of that name."""
 
     kind = "unknown_method"
 
 
-class BadRequest(RemoteError, ValueError):
+class BadRequest(_Own, ValueError):
     """The executor could not decode or validate the call."""
 
     kind = "bad_request"
 
 
-class DeadlineExceeded(RemoteError, TimeoutError):
+class DeadlineExceeded(_Own, TimeoutError):
     """The call's deadline passed before it finished; the work was cancelled where it ran."""
 
     kind = "deadline"
 
 
-class Cancelled(RemoteError):
+class Cancelled(_Own):
     """The call was cancelled by its caller or by a cancelled parent."""
 
     kind = "cancelled"
 
 
-class Overloaded(RemoteError):
+class Overloaded(_Own):
     """The executor's queue is full: back off and retry."""
 
     kind = "overloaded"
 
 
-class DependencyFailed(RemoteError):
+class DependencyFailed(_Own):
     """A future passed as an argument failed, so the call never ran."""
 
     kind = "dependency"
 
 
-class Unavailable(RemoteError):
+class Unavailable(_Own):
     """No executor could take the call (all attempts went unanswered, or its state's holder is down)."""
 
     kind = "unavailable"
 
 
-class StateError(RemoteError):
+class StateError(_Own):
     """Session state could not be read, committed or moved (the message says why)."""
 
     kind = "state"
@@ -164,8 +185,9 @@ _KINDS: dict[str, type[RemoteError]] = {
 }
 
 
-def error_from_dict(d: dict[str, Any]) -> RemoteError:
-    """Rebuild a ``RemoteError`` (of the right subclass) from its wire form; tolerant of missing keys."""
+def from_wire(d: dict[str, Any]) -> RemoteError:
+    """Rebuild a ``RemoteError`` (of the subclass its ``kind`` names) from its wire form; tolerant of
+    missing keys, since any process (or a hand-made control reply) may have written it."""
     cls = _KINDS.get(str(d.get("kind", "error")), RemoteError)
     chain = d.get("chain")
     return cls(
@@ -177,3 +199,25 @@ def error_from_dict(d: dict[str, Any]) -> RemoteError:
         chain=chain if isinstance(chain, list) else [],
         future_id=str(d.get("future_id", "")),
     )
+
+
+def _safe(fn: Callable[[], Any], fallback: str) -> str:
+    try:
+        return str(fn())
+    except BaseException:  # an exception whose __str__ raises must not take the node down
+        return fallback
+
+
+def to_wire(e: BaseException, actor: str, method: str, future_id: str) -> dict[str, Any]:
+    """The wire form of an exception raised by user code, with its traceback.
+
+    Its kind is always ``"error"`` (the method failed, whatever it raised); a ``RemoteError`` it let
+    through keeps its remote ``type`` and joins the ``chain``, so the caller sees the nested failure.
+    """
+    tb = _safe(lambda: "".join(_tb.format_exception(e)), f"{type(e).__qualname__} (traceback unavailable)")
+    if isinstance(e, RemoteError):
+        return {"kind": "error", "type": e.type, "message": e.message, "actor": actor, "method": method,
+                "traceback": tb, "chain": [e.to_wire()] + list(e.chain), "future_id": future_id}
+    return {"kind": "error", "type": type(e).__qualname__,
+            "message": _safe(lambda: e, f"<unprintable {type(e).__qualname__}>"),
+            "actor": actor, "method": method, "traceback": tb, "chain": [], "future_id": future_id}

@@ -6,14 +6,14 @@ from typing import Any
 from .errors import BusError
 
 
-async def open_bucket(nc: Any, bucket: str, description: str, history: int = 1, create: bool = True) -> Any:
+async def open_bucket(js: Any, bucket: str, description: str, history: int = 1, create: bool = True) -> Any:
     """The bucket's handle; creates it if missing (or returns ``None`` if ``create`` is false).
 
-    Raises ``BusError`` if the server has no JetStream.
+    ``js`` is a JetStream context (``Transport.jetstream()``). Raises ``BusError`` if the server has no
+    JetStream.
     """
     from nats.js.errors import BucketNotFoundError
 
-    js = nc.jetstream()
     try:
         return await js.key_value(bucket)
     except BucketNotFoundError:
@@ -41,7 +41,13 @@ async def get(kv: Any, key: str) -> tuple[bytes, int] | None:
 
 
 def policy_bucket(namespace: str) -> str:
+    """The policy actor's decisions in force (one key, ``POLICY_KEY``)."""
     return f"nalar_{namespace}_policy"
+
+
+def placement_bucket(namespace: str) -> str:
+    """Which node holds each session unit (``state/placement.py``)."""
+    return f"nalar_{namespace}_placement"
 
 
 #: The key under which the policy actor keeps the decisions in force (a full snapshot).

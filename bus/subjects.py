@@ -7,6 +7,7 @@ subject                         who listens                              what tr
                                 group ``<actor>``: one node gets it)
 ``nalar.<ns>.call.<actor>.<n>`` node ``n`` only (routed calls)           a call
 ``nalar.<ns>.r.<proc>.<n>``     the process that made future ``n``       the reply to that call
+``nalar.<ns>.r.<proc>.q<n>``    that process (``request``/``scatter``)   the replies to control request n
 ``nalar.<ns>.r.<proc>.ack``     that process                             "node X holds calls [n...]"
 ``nalar.<ns>.cancel``           every node                               ids of cancelled futures
 ``nalar.<ns>.status``           every node (scatter/gather)              a node's status as JSON

@@ -13,8 +13,9 @@ from typing import Awaitable, Callable, Protocol
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
-from .envelope import header_size
+from .envelope import fits, header_size
 from .errors import BusError, PayloadTooLarge
 
 log = logging.getLogger("nalar.bus")
@@ -23,6 +24,11 @@ STATUS_HEADER = "Status"
 NO_RESPONDERS = "503"
 SUB_PENDING_MSGS = 4 * 1024 * 1024
 SUB_PENDING_BYTES = 2 * 1024 * 1024 * 1024
+
+
+def is_no_responders(data: bytes, headers: dict[str, str] | None) -> bool:
+    """Is this NATS's "no responders" answer to a request (empty body, ``Status: 503``)?"""
+    return not data and headers is not None and headers.get(STATUS_HEADER) == NO_RESPONDERS
 
 
 class Subscription(Protocol):
@@ -36,6 +42,11 @@ class Transport(Protocol):
     @property
     def closed(self) -> bool: ...
 
+    @property
+    def connected_url(self) -> str:
+        """The server this transport is connected to (``""`` in process)."""
+        ...
+
     async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None,
                       reply: str = "") -> None: ...
 
@@ -45,12 +56,17 @@ class Transport(Protocol):
 
     async def close(self) -> None: ...
 
+    def jetstream(self) -> JetStreamContext | None:
+        """The JetStream context for key-value buckets, or ``None`` where the bus has none (local mode)."""
+        ...
+
 
 class NatsTransport:
     """nats-py underneath; handlers get plain values, never the ``Msg`` (nothing retains it)."""
 
     def __init__(self, nc: NatsClient) -> None:
         self.nc = nc
+        self._js: JetStreamContext | None = None
 
     @property
     def max_payload(self) -> int:
@@ -69,7 +85,7 @@ class NatsTransport:
                       reply: str = "") -> None:
         limit = self.nc.max_payload
         # the server counts headers too, and answers an oversized message by closing the connection
-        if limit and len(data) + 4096 > limit and len(data) + header_size(headers) > limit:
+        if limit and not fits(data, headers, limit):
             raise PayloadTooLarge(len(data) + header_size(headers), limit)
         await self.nc.publish(subject, data, reply=reply, headers=headers)
 
@@ -85,6 +101,11 @@ class NatsTransport:
 
     async def flush(self, timeout: float = 10.0) -> None:
         await self.nc.flush(max(1, round(timeout)))
+
+    def jetstream(self) -> JetStreamContext:
+        if self._js is None:
+            self._js = self.nc.jetstream()
+        return self._js
 
     async def close(self) -> None:
         if not self.nc.is_closed:
@@ -130,11 +151,15 @@ class LocalTransport:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def connected_url(self) -> str:
+        return ""
+
     async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None,
                       reply: str = "") -> None:
         if self._closed:
             raise BusError("local bus is closed")
-        if len(data) + header_size(headers) > self.max_payload:
+        if not fits(data, headers, self.max_payload):
             raise PayloadTooLarge(len(data) + header_size(headers), self.max_payload)
         tokens = subject.split(".")
         loop = asyncio.get_running_loop()
@@ -161,6 +186,9 @@ class LocalTransport:
 
     async def flush(self, timeout: float = 10.0) -> None:
         await asyncio.sleep(0)
+
+    def jetstream(self) -> None:
+        return None  # no key-value buckets in process: local mode keeps placement and decisions in memory
 
     async def close(self) -> None:
         self._closed = True

@@ -1,1 +1,10 @@
-"""The ``nalar`` command."""
+"""The ``nalar`` command.
+
+Where things live (the top layer: it may import every folder, ``workloads`` for the demo and ``bench``):
+
+    main.py        the argument parser and the subcommands: up, node, policy, call, status, state, bench
+    serve.py       run a node until SIGINT/SIGTERM (shared by ``nalar node`` and ``nalar up``)
+    up.py          ``nalar up``: an embedded NATS server and a node serving the demo, in one command
+    policy.py      ``nalar policy``: the policy actor in its own process
+    specs.py       ``module:Class[=N]`` on the command line -> (class, instance count)
+"""

@@ -5,11 +5,8 @@ import asyncio
 import signal
 from typing import Any
 
-from ..actors.client import resolve_namespace
-from ..actors.runtime import Runtime
-from ..bus.connection import ConnectOptions, open_connection
+from ..actors.client import open_runtime
 from ..bus.errors import BusError
-from ..bus.transport import NatsTransport
 from ..policy import PolicyActor, load_policies
 
 
@@ -30,9 +27,7 @@ async def serve_policy(url: str | None, namespace: str | None, policies: str | N
             stop.set()
 
     installed = load_policies(policies)
-    nc = await open_connection(ConnectOptions.resolve(url, name="nalar-policy"), on_closed)
-    rt = Runtime(NatsTransport(nc), resolve_namespace(namespace), name="policy")
-    await rt.start()
+    rt = await open_runtime(url, namespace, "policy", on_closed, connection_name="nalar-policy")
     actor = PolicyActor(rt, installed, interval)
     try:
         await actor.start()

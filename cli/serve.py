@@ -7,13 +7,11 @@ import signal
 import sys
 from typing import Any, Callable
 
-from ..actors.client import resolve_namespace
+from ..actors.client import open_runtime
 from ..actors.node import Node
-from ..actors.runtime import Runtime, set_default_runtime
+from ..actors.runtime import set_default_runtime
 from ..bus import tracing
-from ..bus.connection import ConnectOptions, open_connection
 from ..bus.errors import BusError
-from ..bus.transport import NatsTransport
 
 
 async def serve_node(specs: list[tuple[type, int | None]], url: str | None, namespace: str | None,
@@ -48,10 +46,9 @@ async def serve_node(specs: list[tuple[type, int | None]], url: str | None, name
             lost.append(True)
             stop.set()
 
-    opts = ConnectOptions.resolve(url, name=f"nalar-node-{name or ''}".rstrip("-"))
-    nc = await open_connection(opts, on_closed)
-    transport = NatsTransport(nc)
-    rt = Runtime(transport, resolve_namespace(namespace), name=name or "node")
+    # not started yet: the node hooks itself in (its name, its decisions handler) first
+    rt = await open_runtime(url, namespace, name or "node", on_closed,
+                            connection_name=f"nalar-node-{name or ''}".rstrip("-"), start=False)
     node = Node(rt, specs, name=name, state_dir=state_dir, **({"max_queue": max_queue} if max_queue else {}))
     rt.name = node.name
     await rt.start()
@@ -66,7 +63,7 @@ async def serve_node(specs: list[tuple[type, int | None]], url: str | None, name
             control = PolicyActor(rt, policies, interval)
             await control.start()
             loop_task = loop.create_task(control.run(stop))
-        on_ready(node, transport.connected_url)
+        on_ready(node, rt.transport.connected_url)
         await stop.wait()
     finally:
         if loop_task is not None:

@@ -2,6 +2,13 @@
 
 ``nalar policy`` runs the actor; ``nalar up`` runs it beside its node. A user policy is a class with
 ``decide(view, act)`` (see ``api.Policy``), named on the command line as ``module:Class``.
+
+Where things live (it imports ``actors`` and ``bus``, never the other way):
+
+    actor.py       ``PolicyActor``: each round, gather metrics, run the policies, broadcast one batch
+    api.py         the primitives: what a policy sees (``View``) and may do (``Actions``); ``Policy``
+    builtin.py     the built-in policies by name (``BUILTIN``) and the default set (``DEFAULT``)
+    __init__.py    ``load_policies``: built-in names and ``module:Class`` specs to instances
 """
 from __future__ import annotations
 

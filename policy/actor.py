@@ -20,7 +20,8 @@ import statistics
 import time
 from typing import Any
 
-from ..actors.decisions import DecisionTable
+from ..actors.control import DecisionTable
+from ..actors.retry import LIVENESS_TIMEOUT
 from ..actors.runtime import Runtime
 from ..bus import envelope as env
 from ..bus import kv as bkv
@@ -49,9 +50,9 @@ class PolicyActor:
 
     async def start(self) -> None:
         """Load the decisions in force, re-announce them in full, and answer status requests."""
-        nc = getattr(self.rt.transport, "nc", None)
-        if nc is not None:
-            self._kv = await bkv.open_bucket(nc, bkv.policy_bucket(self.rt.subjects.ns), "policy decisions")
+        js = self.rt.transport.jetstream()
+        if js is not None:
+            self._kv = await bkv.open_bucket(js, bkv.policy_bucket(self.rt.subjects.ns), "policy decisions")
             got = await bkv.get(self._kv, bkv.POLICY_KEY)
             if got is not None:
                 try:
@@ -70,7 +71,8 @@ class PolicyActor:
                 pass
 
     def _snapshot(self, full: bool = False) -> bytes:
-        msg: dict[str, Any] = {"v": self.table.version, "ops": self.table.snapshot_ops(), "t": time.time()}
+        msg: dict[str, Any] = {"v": self.table.version, "ops": [op.to_wire() for op in self.table.snapshot_ops()],
+                               "t": time.time()}
         if full:
             msg["full"] = True
         return env.dumps(msg)
@@ -105,7 +107,7 @@ class PolicyActor:
             except Exception as e:  # a broken policy is reported, the others still run
                 log.exception("policy %s failed", name)
                 self.errors[name] = repr(e)
-        ops = act.batch()
+        ops = [op.to_wire() for op in act.batch()]  # the wire form: applied here, then broadcast
         if act.refused:
             self.refused = (self.refused + act.refused)[-20:]
         t2 = time.perf_counter()
@@ -128,11 +130,10 @@ class PolicyActor:
     async def collect(self) -> dict[str, dict[str, Any]]:
         """Every live node's metrics: those heard from within the timeout (all known nodes: sooner)."""
         now = time.monotonic()
-        expect = {n for n, (seen, _) in self.rt.node_seen.items() if now - seen < 3.0}
+        expect = {n for n, (seen, _) in self.rt.node_seen.items() if now - seen < LIVENESS_TIMEOUT}
         got: dict[str, dict[str, Any]] = {}
-        done = asyncio.Event()
 
-        def on(subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        def on(data: bytes, headers: dict[str, str] | None) -> bool:
             try:
                 m = env.decode_json_object(data, "metrics")
                 node = m.get("node")
@@ -140,46 +141,30 @@ class PolicyActor:
                     raise MalformedMessage("metrics must have 'node' and 'actors'")
             except MalformedMessage:
                 self.rt.count_malformed("metrics")
-                return
+                return False
             got[node] = m
-            if expect and expect <= got.keys():
-                done.set()
+            return bool(expect) and expect <= got.keys()
 
-        await self._scatter(self.rt.subjects.metrics, b"{}", "metrics", on, done)
+        await self.rt.scatter(self.rt.subjects.metrics, b"{}", on, self.collect_timeout)
         return got
 
     async def _broadcast(self, msg: bytes, nodes: set[str], v: int) -> int:
         """Publish the batch; wait (bounded) until every node that sent metrics has applied it."""
         acked: set[str] = set()
-        done = asyncio.Event()
 
-        def on(subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        def on(data: bytes, headers: dict[str, str] | None) -> bool:
             try:
                 body = env.decode_json_object(data, "applied")
             except MalformedMessage:
-                return
+                return False
             if isinstance(body.get("node"), str) and isinstance(body.get("v"), int) and body["v"] >= v:
                 acked.add(body["node"])
-                if nodes <= acked:
-                    done.set()
+                return nodes <= acked
+            return False
 
-        if not nodes:
-            done.set()
-        await self._scatter(self.rt.subjects.policy, msg, "applied", on, done)
+        # no node to wait for: publish (with the reply subject all the same) and go on
+        await self.rt.scatter(self.rt.subjects.policy, msg, on, self.collect_timeout if nodes else 0)
         return len(acked & nodes)
-
-    async def _scatter(self, subject: str, data: bytes, tag: str, on: Any, done: asyncio.Event) -> None:
-        """Publish ``data`` with a fresh inbox for answers (``on`` gets each); wait for ``done``, bounded."""
-        inbox = self.rt.subjects.inbox(self.rt.proc, f"{tag}{self.round_no}")
-        sub = await self.rt.transport.subscribe(inbox, on)
-        try:
-            await self.rt.transport.publish(subject, data, None, inbox)
-            try:
-                await asyncio.wait_for(done.wait(), self.collect_timeout)
-            except asyncio.TimeoutError:
-                pass
-        finally:
-            await sub.unsubscribe()
 
     def status(self) -> dict[str, Any]:
         recent = self.rounds[-20:]

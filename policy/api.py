@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
-from ..actors.decisions import DecisionTable
+from ..actors.control import (Affinity, DecisionTable, Home, InstanceAt, InstanceRow, Migrate, Op,
+                              Priority, Route, Scale, Sticky, WaitingRow, Weights)
 
 
 @dataclass
@@ -77,9 +78,10 @@ class ActorView:
 
 
 class View:
-    """One round's picture of the deployment."""
+    """One round's picture of the deployment, from each node's metrics (``actors.control.NodeMetrics``;
+    a malformed instance or waiting row raises ``MalformedMessage``)."""
 
-    def __init__(self, metrics: dict[str, dict[str, Any]], table: DecisionTable, round_no: int) -> None:
+    def __init__(self, metrics: Mapping[str, Mapping[str, Any]], table: DecisionTable, round_no: int) -> None:
         self.metrics = metrics
         self.table = table  # the decisions in force before this round
         self.round = round_no
@@ -101,15 +103,17 @@ class View:
                 av.lat_ms += float(a.get("lat_ms", 0.0)) / len(self.nodes)
                 av.wait_ms += float(a.get("wait_ms", 0.0)) / len(self.nodes)
                 first = None
-                for iid, running, queued, limit, draining in a.get("instances", []):
-                    iv = InstanceView(iid, name, node, running, queued, limit, draining)
+                for raw in a.get("instances", []):
+                    r = InstanceRow.from_wire(raw)
+                    iv = InstanceView(r.id, name, node, r.running, r.queued, r.limit, r.draining)
                     av.instances.append(iv)
-                    self.instances[iid] = iv
-                    if first is None and not draining:
-                        first = iid
-                for s, inst, wait, stage, re, prio in a.get("waiting", []):
-                    av.waiting.append(Waiting(s, name, node, inst or first or "", inst is not None, wait, stage,
-                                              re, prio))
+                    self.instances[r.id] = iv
+                    if first is None and not r.draining:
+                        first = r.id
+                for raw in a.get("waiting", []):
+                    w = WaitingRow.from_wire(raw)
+                    av.waiting.append(Waiting(w.session, name, node, w.instance or first or "", w.instance is not None,
+                                              w.wait_ms, w.stage, w.reentries, w.priority))
                 av.recent.extend((s, i) for s, i in a.get("recent", []))
                 av.engine.update(a.get("engine") or {})
         for av in self.actors.values():
@@ -121,7 +125,7 @@ class Actions:
 
     def __init__(self, view: View) -> None:
         self.view = view
-        self.ops: list[list[Any]] = []
+        self.ops: list[Op] = []
         self.refused: list[str] = []
         t = view.table
         self._counts: dict[tuple[str, str], int] = {}  # (node, actor) -> instances wanted so far
@@ -134,58 +138,65 @@ class Actions:
     # -- routing --------------------------------------------------------------------------------
     def route(self, a: str, b: Any, c: Any = None) -> None:
         """``route(session, actor, instance)``: the session's calls to ``actor`` go to ``instance``
-        (``None`` removes the route). ``route(actor, instances, weights)``: ``actor``'s other calls
-        are shared among ``instances`` in proportion to ``weights`` (``instances=None``: no weights)."""
+        (``None`` removes the route).
+
+        ``route(actor, instances, weights)`` (a list, or ``None``, in second place) is the design's name
+        for ``weights(actor, instances, weights)`` and does just that."""
         if isinstance(b, (list, tuple)) or b is None:
-            actor = a
-            if b is None:
-                self.ops.append(["weights", actor, None])
-                return
-            weights = list(c) if c is not None else [1.0] * len(b)
-            if len(weights) != len(b) or any(w < 0 for w in weights):
-                raise ValueError("route(actor, instances, weights): one weight >= 0 per instance")
-            for i in b:
-                self._known(i)
-            self.ops.append(["weights", actor, {i: float(w) for i, w in zip(b, weights)}])
+            self.weights(a, b, c)
             return
         session, actor, instance = a, b, c
         if instance is not None:
             self._known(instance)
-        self.ops.append(["route", str(session), actor, instance])
+        self.ops.append(Route(str(session), actor, instance))
+
+    def weights(self, actor: str, instances: list[str] | tuple[str, ...] | None,
+                weights: list[float] | tuple[float, ...] | None = None) -> None:
+        """``actor``'s calls without a route are shared among ``instances`` in proportion to ``weights``
+        (one per instance, >= 0; ``None``: equal shares); ``instances=None`` removes the weights."""
+        if instances is None:
+            self.ops.append(Weights(actor, None))
+            return
+        w = list(weights) if weights is not None else [1.0] * len(instances)
+        if len(w) != len(instances) or any(x < 0 for x in w):
+            raise ValueError("weights(actor, instances, weights): one weight >= 0 per instance")
+        for i in instances:
+            self._known(i)
+        self.ops.append(Weights(actor, {i: float(x) for i, x in zip(instances, w)}))
 
     def affinity(self, session: str, actor: str, instance: str | None) -> None:
         """A soft route: the session's calls go to and wait for ``instance`` (its cache) until a policy
         moves them; unlike a route it lapses when the instance goes, and is evicted first."""
         if instance is not None:
             self._known(instance)
-        self.ops.append(["affinity", str(session), actor, instance])
+        self.ops.append(Affinity(str(session), actor, instance))
 
     def set_priority(self, session: str, value: int | None, actor: str | None = None) -> None:
         """Queued calls of ``session`` (at ``actor``, or everywhere) run before lower values; ``None`` clears."""
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise ValueError("a priority is an int (higher runs first)")
-        self.ops.append(["priority", str(session), value, actor])
+        self.ops.append(Priority(str(session), value, actor))
 
     def sticky(self, actor: str, instances: list[str] | None) -> None:
         """Static binding, as frameworks without a global scheduler do: each session's calls to
         ``actor`` go to the instance its id hashes to (sessions never move), other calls round-robin;
         calls are bound on arrival and wait for their instance. ``None`` ends it."""
-        self._placement("sticky", actor, None if instances is None else list(instances))
+        self._placement(Sticky, actor, None if instances is None else list(instances))
 
     def home(self, actor: str, instances: list[str] | None) -> None:
         """Soft placement of new sessions: a session of ``actor`` with no route or affinity goes to the
         instance its id hashes to among ``instances`` (rendezvous hashing), as if by ``affinity``;
         every caller computes it alone, so a session's first calls already meet in one cache.
         ``None`` ends it."""
-        self._placement("home", actor, None if instances is None else sorted(instances))
+        self._placement(Home, actor, None if instances is None else sorted(instances))
 
-    def _placement(self, kind: str, actor: str, instances: list[str] | None) -> None:
+    def _placement(self, kind: type[Sticky] | type[Home], actor: str, instances: list[str] | None) -> None:
         if instances is not None:
             if not instances:
-                raise ValueError(f"{kind}(actor, instances): at least one instance")
+                raise ValueError(f"{kind.KIND}(actor, instances): at least one instance")
             for i in instances:
                 self._known(i)
-        self.ops.append([kind, actor, instances])
+        self.ops.append(kind(actor, instances))
 
     def migrate(self, session: str, src: str, dst: str, soft: bool = False) -> None:
         """Move the session's queued calls (and, for a stateful actor, its state) from instance ``src``
@@ -194,8 +205,7 @@ class Actions:
         s, d = self._known(src), self._known(dst)
         if s.actor != d.actor:
             raise ValueError(f"migrate: {src} and {dst} are instances of different actors")
-        op = ["migrate", secrets.token_hex(6), str(session), s.actor, src, dst]
-        self.ops.append(op + ["soft"] if soft else op)
+        self.ops.append(Migrate(secrets.token_hex(6), str(session), s.actor, src, dst, bool(soft)))
 
     # -- resources ------------------------------------------------------------------------------
     def provision(self, actor: str, node: str) -> bool:
@@ -250,8 +260,8 @@ class Actions:
 
     def _emit_scale(self, key: tuple[str, str]) -> None:
         node, actor = key
-        self.ops = [op for op in self.ops if not (op[0] == "scale" and op[1] == node and op[2] == actor)]
-        self.ops.append(["scale", node, actor, max(0, self._counts[key]), list(self._drain.get(key, []))])
+        self.ops = [op for op in self.ops if not (isinstance(op, Scale) and op.node == node and op.actor == actor)]
+        self.ops.append(Scale(node, actor, max(0, self._counts[key]), list(self._drain.get(key, []))))
 
     def _total(self, actor: str) -> int:
         return sum(n for (node, a), n in self._counts.items() if a == actor)
@@ -263,39 +273,15 @@ class Actions:
         return iv
 
     # -- the batch ------------------------------------------------------------------------------
-    def batch(self) -> list[list[Any]]:
+    def batch(self) -> list[Op]:
         """This round's ops, minus those that change nothing, plus where new instances live."""
         t = self.view.table
-        out: list[list[Any]] = []
-        for iid, iv in self.view.instances.items():
-            if t.instances.get(iid) != iv.node:
-                out.append(["instance", iid, iv.node])
+        out: list[Op] = [op for op in (InstanceAt(iid, iv.node) for iid, iv in self.view.instances.items())
+                         if not op.unchanged(t)]
         for node in self.view.nodes:  # instances a node no longer lists are gone
-            for iid, n in t.instances.items():
-                if n == node and iid not in self.view.instances:
-                    out.append(["instance", iid, None])
-        for op in self.ops:
-            kind = op[0]
-            if kind == "route" or kind == "affinity":
-                table = t.routes if kind == "route" else t.affinity
-                if table.get(op[2], {}).get(op[1]) == op[3]:
-                    continue
-            elif kind == "weights":
-                cur = t.weights.get(op[1])
-                if cur == op[2] or (cur is not None and op[2] is not None and cur.keys() == op[2].keys()
-                                    and all(abs(cur[k] - op[2][k]) < 1e-9 for k in cur)):
-                    continue
-            elif kind == "priority":
-                if t.priorities.get(op[1], {}).get(op[3] or "*") == op[2]:
-                    continue
-            elif kind == "sticky" or kind == "home":
-                if (t.sticky if kind == "sticky" else t.home).get(op[1]) == op[2]:
-                    continue
-            elif kind == "scale":
-                cur_s = t.scale.get(op[1], {}).get(op[2])
-                if cur_s is not None and cur_s[0] == op[3]:
-                    continue
-            out.append(op)
+            out.extend(InstanceAt(iid, None) for iid, n in t.instances.items()
+                       if n == node and iid not in self.view.instances)
+        out.extend(op for op in self.ops if not op.unchanged(t))
         return out
 
 

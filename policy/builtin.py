@@ -31,7 +31,7 @@ class LoadBalance(Policy):
                 continue
             loads = [(i.running + i.queued) / (i.limit or 64) for i in live]
             weights = [round(1.0 / (1.0 + 4 * x), 1) or 0.1 for x in loads]  # coarse: few changes to send
-            act.route(actor.name, [i.id for i in live], weights)
+            act.weights(actor.name, [i.id for i in live], weights)
 
 
 class HeadOfLine(Policy):

@@ -65,8 +65,8 @@ class Commit(Op):
         objs = h["o"]
         for name, ver in self.seen.items():
             if objs.get(name, 0) != ver:
-                return ("conflict", Conflict("Conflict", f"object {name!r} changed to version {objs.get(name, 0)} "
-                                                         f"after this call read version {ver}"))
+                return ("conflict", Conflict(f"object {name!r} changed to version {objs.get(name, 0)} "
+                                             f"after this call read version {ver}"))
         v = h["v"] + 1
         superseded = []
         for name, data in self.writes.items():
@@ -203,7 +203,7 @@ class Committer:
                     raise
                 except Exception as e:  # this op alone fails (garbage, a key too long, ...); the batch goes on
                     child.abort()
-                    err = e if isinstance(e, StateError) else StateError("StateError", f"{type(e).__name__}: {e}")
+                    err = e if isinstance(e, StateError) else StateError(f"{type(e).__name__}: {e}")
                     outcomes.append(("error", err))
                     continue
                 except BaseException:
@@ -226,7 +226,7 @@ class Committer:
             outcomes = [("error", e)]
         except Exception as e:  # a disk error: every op of the batch fails, clearly, and nothing half-applies
             log.exception("state batch failed")
-            outcomes = [("error", StateError("StateError", f"the state store failed: {e!r}"))] * len(batch)
+            outcomes = [("error", StateError(f"the state store failed: {e!r}"))] * len(batch)
         self.batches += 1
         self.ops += len(batch)
         for op, out in zip(batch, outcomes):

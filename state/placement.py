@@ -1,18 +1,20 @@
 """Placement: which node holds the latest version of each unit (session, actor).
 
-Kept in a JetStream key-value bucket, ``nalar_<namespace>_placement`` (one key per unit), because it
-must be right under races. The value is the holder's name, or ``holder>destination`` while a move is
-under way. A node *claims* a new unit with an atomic create. A move is fenced by compare-and-set:
-the holder marks ``src>dst`` before sending; the destination, once it holds the copy durably, swaps
-``src>dst`` for ``dst``; a holder whose move timed out swaps ``src>dst`` back to ``src``. Whichever
-swap lands first wins and the other side undoes its part. Local mode keeps the same map in memory.
+Kept in a JetStream key-value bucket, ``nalar_<namespace>_placement`` (``bus.kv.placement_bucket``; one
+key per unit), because it must be right under races. The value is the holder's name, or
+``holder>destination`` while a move is under way. A node *claims* a new unit with an atomic create. A
+move is fenced by compare-and-set: the holder marks ``src>dst`` before sending; the destination, once it
+holds the copy durably, swaps ``src>dst`` for ``dst``; a holder whose move timed out swaps ``src>dst``
+back to ``src``. Whichever swap lands first wins and the other side undoes its part. Local mode keeps
+the same map in memory.
 """
 from __future__ import annotations
 
 import base64
 from typing import Any, Protocol
 
-from ..bus.errors import StateError
+from ..bus import kv as bkv
+from ..bus.errors import BusError, StateError
 from . import keys as K
 
 
@@ -65,26 +67,17 @@ class KVPlacement:
         self.kv = kv
 
     @classmethod
-    async def open(cls, nc: Any, namespace: str) -> "KVPlacement":
-        from ..bus import kv as bkv
-        from ..bus.errors import BusError
-
+    async def open(cls, js: Any, namespace: str) -> "KVPlacement":
+        """Open (or create) the namespace's bucket; ``js`` is a JetStream context (``Transport.jetstream()``)."""
         try:
-            kv = await bkv.open_bucket(nc, f"nalar_{namespace}_placement", "placement")
+            kv = await bkv.open_bucket(js, bkv.placement_bucket(namespace), "placement")
         except BusError as e:
-            raise StateError("StateError", str(e)) from None
+            raise StateError(str(e)) from None
         return cls(kv)
 
     async def get(self, unit: bytes) -> tuple[str, int] | None:
-        from nats.js.errors import KeyNotFoundError
-
-        try:
-            e = await self.kv.get(kv_key(unit))
-        except KeyNotFoundError:
-            return None
-        if e.value is None or e.operation in ("DEL", "PURGE"):
-            return None
-        return e.value.decode(), int(e.revision)
+        got = await bkv.get(self.kv, kv_key(unit))
+        return None if got is None else (got[0].decode(), got[1])
 
     async def claim(self, unit: bytes, node: str) -> str:
         from nats.js.errors import KeyWrongLastSequenceError

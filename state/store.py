@@ -68,7 +68,7 @@ def _json(data: bytes, what: str) -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
-        raise StateError("StateError", f"the store holds garbage where {what} should be (not JSON)") from None
+        raise StateError(f"the store holds garbage where {what} should be (not JSON)") from None
 
 
 def decode_head(data: bytes | None, u: bytes) -> dict[str, Any] | None:
@@ -76,7 +76,7 @@ def decode_head(data: bytes | None, u: bytes) -> dict[str, Any] | None:
         return None
     h = _json(data, "a head record")
     if not (isinstance(h, dict) and isinstance(h.get("v"), int) and isinstance(h.get("o"), dict)):
-        raise StateError("StateError", f"corrupt head record for {K.split_unit(u)}")
+        raise StateError(f"corrupt head record for {K.split_unit(u)}")
     return h
 
 
@@ -84,7 +84,7 @@ def decode_future(data: bytes) -> tuple[dict[str, Any], bytes]:
     meta, sep, body = data.partition(b"\n")
     m = _json(meta, "a future record")
     if not sep or not isinstance(m, dict) or not isinstance(m.get("v"), int):
-        raise StateError("StateError", "corrupt future record")
+        raise StateError("corrupt future record")
     return m, body
 
 
@@ -102,7 +102,7 @@ class Store:
             self.env = lmdb.open(path, map_size=min(map_size, self.max_map_size), subdir=True, max_readers=2048,
                                  sync=sync, metasync=sync, max_dbs=0, lock=True)
         except lmdb.Error as e:
-            raise StateError("StateError", f"cannot open the state store at {path}: {e}") from None
+            raise StateError(f"cannot open the state store at {path}: {e}") from None
         self._lock = _RWLock()
 
     def close(self) -> None:
@@ -126,7 +126,7 @@ class Store:
                 return None, 0
             data = txn.get(K.obj(u, name, ver))
             if data is None:
-                raise StateError("StateError", f"object {name!r} of {K.split_unit(u)} is missing version {ver}")
+                raise StateError(f"object {name!r} of {K.split_unit(u)} is missing version {ver}")
             return data, ver
         return self.read(get)
 
@@ -146,7 +146,7 @@ class Store:
                         break
                     e = _json(v, "a log record")
                     if not isinstance(e, dict):
-                        raise StateError("StateError", f"a log record of {K.split_unit(u)} is not an object")
+                        raise StateError(f"a log record of {K.split_unit(u)} is not an object")
                     e["version"] = K.version_of(k)
                     out.append(e)
             return out
@@ -226,8 +226,8 @@ class Store:
         if size >= self.max_map_size:
             from ..bus.errors import StateFull
 
-            raise StateFull("StateFull", f"the state store at {self.path} is full ({size} bytes, the maximum: "
-                                         "raise NALAR_STATE_MAX_MAP or free disk)")
+            raise StateFull(f"the state store at {self.path} is full ({size} bytes, the maximum: "
+                            "raise NALAR_STATE_MAX_MAP or free disk)")
         with self._lock.exclusive():
             self.env.set_mapsize(min(size * 2, self.max_map_size))
 

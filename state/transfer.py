@@ -29,7 +29,7 @@ def pack(records: list[tuple[bytes, bytes]]) -> bytes:
 
 
 def _bad(why: str) -> StateError:
-    return StateError("StateError", f"bad state transfer: {why}")
+    return StateError(f"bad state transfer: {why}")
 
 
 def unpack(data: bytes, unit: bytes) -> list[tuple[bytes, bytes]]:

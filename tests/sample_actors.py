@@ -324,12 +324,10 @@ def _agate(name: str) -> asyncio.Event:
     return ev
 
 
-def _instance() -> str | None:
-    """The id of the instance running the current call (for tests that check where calls land)."""
-    from nalar.actors.context import current_call
-
-    c = current_call.get()
-    return c.inst.id if c is not None and c.inst is not None else None
+def _instance(actor: nalar.Actor) -> str | None:
+    """The id of the instance running the current call (for tests that check where calls land): the
+    node names each instance it hosts (the call scope says which actor runs a call, not which instance)."""
+    return actor._nalar_instance or None
 
 
 @nalar.hints(max_concurrency=None)
@@ -339,7 +337,7 @@ class GateCtl(nalar.Tool):
     async def release(self, name: str) -> str | None:
         _gate(name).set()
         _agate(name).set()
-        return _instance()
+        return _instance(self)
 
     async def ran(self, key: str) -> list[object]:
         return list(_RAN.get(key, []))
@@ -349,7 +347,7 @@ class Pin(nalar.Tool):
     """Says which instance ran the call."""
 
     def where(self) -> str | None:
-        return _instance()
+        return _instance(self)
 
 
 @nalar.hints(max_concurrency=1)
@@ -358,7 +356,7 @@ class Prio(nalar.Tool):
 
     async def block(self, gate: str) -> str | None:
         await asyncio.wait_for(_agate(gate).wait(), 60)
-        return _instance()
+        return _instance(self)
 
     async def step(self, key: str, tag: str) -> str:
         _RAN.setdefault(key, []).append(tag)
@@ -372,12 +370,12 @@ class Tally(nalar.Agent):
     def incr(self) -> dict[str, object]:
         n = nalar.managed_value("n", 0)
         n.value += 1
-        return {"n": n.value, "instance": _instance()}
+        return {"n": n.value, "instance": _instance(self)}
 
     def hold(self, gate: str) -> str | None:
         if not _gate(gate).wait(60):
             raise TimeoutError(f"gate {gate} was never opened")
-        return _instance()
+        return _instance(self)
 
 
 @nalar.hints(min_instances=1, max_instances=3)
@@ -385,7 +383,7 @@ class Scalable(nalar.Tool):
     """Instance counts the policy may change, within 1..3 in all."""
 
     def where(self) -> str | None:
-        return _instance()
+        return _instance(self)
 
 
 _STARTS = [0]
@@ -404,7 +402,7 @@ class SlowStart(nalar.Tool):
             raise TimeoutError("gate start was never opened")
 
     def where(self) -> str | None:
-        return _instance()
+        return _instance(self)
 
 
 @nalar.hints(max_concurrency=None)

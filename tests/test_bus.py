@@ -21,7 +21,7 @@ def test_values_round_trip_and_non_json_is_a_type_error():
     data = env.encode_call("m", [b"\x00\xffraw", {"nested": [b"b"]}, P(1, "t"), (1, 2)], {"k": None})
     call = env.decode_call(data, {env.H_ID: "f-1", env.H_DEADLINE: "123.5"}, "r", env.CallMessage)
     assert call.args == [b"\x00\xffraw", {"nested": [b"b"]}, {"x": 1, "tag": "t"}, [1, 2]]
-    assert (call.id, call.request, call.deadline, call.kwargs) == ("f-1", "f-1", 123.5, {"k": None})
+    assert (call.meta.id, call.meta.request, call.meta.deadline, call.kwargs) == ("f-1", "f-1", 123.5, {"k": None})
     for bad in (object(), {1}, 1j, float):
         with pytest.raises(TypeError, match="cannot cross the bus"):
             env.dumps([bad])

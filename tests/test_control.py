@@ -32,13 +32,15 @@ A, B = "na", "nb"
 def _on_loop(client: nalar.Client, fn: Callable[[], Any]) -> Any:
     async def run() -> Any:
         return fn()
+    assert client._lt is not None
     return client._lt.run(run(), 30)
 
 
 def node_status(client: nalar.Client, node: str) -> dict[str, Any]:
     """One node's status, asked of it directly (faster to poll than the scatter/gather)."""
     rt = client.runtime
-    return client._lt.run(rt.transport_request(rt.subjects.node(node), {"op": "status"}, 20), 30)
+    assert client._lt is not None
+    return client._lt.run(rt.request(rt.subjects.node(node), {"op": "status"}, 20), 30)
 
 
 def instances(client: nalar.Client, node: str, actor: str, live: bool = True) -> list[dict[str, Any]]:
@@ -61,16 +63,19 @@ class Ctl:
         self.script = Scripted()
         settle(client, nodes)
         self.actor = PolicyActor(client.runtime, [self.script, *policies], interval=3600, collect_timeout=20)
+        assert client._lt is not None
         client._lt.run(self.actor.start(), 30)
 
     def round(self, *steps: Callable[[Any, Any], Any]) -> dict[str, Any]:
         self.script.steps.extend(steps)
+        assert self.client._lt is not None
         stats = self.client._lt.run(self.actor.round(), 120)
         assert not self.actor.errors, self.actor.errors
         assert stats["nodes"] == len(self.nodes) and stats["applied_by"] == len(self.nodes), stats
         return stats
 
     def stop(self) -> None:
+        assert self.client._lt is not None
         self.client._lt.run(self.actor.stop(), 30)
 
 
@@ -399,7 +404,7 @@ def test_a_policy_actor_restarted_on_an_empty_store_takes_over(start_node, clien
     async def wipe() -> None:  # the stored decisions are lost
         from nalar.bus import kv as bkv
 
-        kv = await client.runtime.transport.nc.jetstream().key_value(bkv.policy_bucket(client.runtime.subjects.ns))
+        kv = await client.runtime.transport.jetstream().key_value(bkv.policy_bucket(client.runtime.subjects.ns))
         await kv.purge(bkv.POLICY_KEY)
 
     client._lt.run(wipe(), 30)

@@ -13,7 +13,8 @@ import pytest
 
 import nalar
 from conftest import wait_for
-from nalar.actors.decisions import DecisionTable
+from nalar.actors import control
+from nalar.actors.control import DecisionTable, Scale
 from nalar.actors.models import SamplingParams
 from nalar.actors.models.simulated import SimEngine
 from nalar.policy.api import Actions, View
@@ -165,22 +166,23 @@ def test_proportional_moves_model_slots_to_demand_one_per_round_and_keeps_one_ea
     p = Proportional(cooldown_rounds=0)
     act = Actions(_model_view(90, 10))
     p.decide(act.view, act)
-    scale = sorted(op for op in act.batch() if op[0] == "scale")
-    assert [op[2:4] for op in scale] == [["Chat", 2], ["Code", 0]]  # one slot: a Code drained, a Chat started
-    assert scale[0][1] == scale[1][1]  # on the same node
+    scale = sorted((op for op in act.batch() if isinstance(op, Scale)), key=lambda op: (op.node, op.actor))
+    # one slot: a Code drained, a Chat started
+    assert [(op.actor, op.count) for op in scale] == [("Chat", 2), ("Code", 0)]
+    assert scale[0].node == scale[1].node  # on the same node
     p2 = Proportional(cooldown_rounds=3)
     act = Actions(_model_view(90, 10))
     p2.decide(act.view, act)
-    assert [op for op in act.batch() if op[0] == "scale"]
+    assert [op for op in act.batch() if isinstance(op, Scale)]
     act = Actions(View(act.view.metrics, DecisionTable(), 11))  # the next round: Chat and Code cool down
     p2.decide(act.view, act)
-    assert not [op for op in act.batch() if op[0] == "scale"]
+    assert not [op for op in act.batch() if isinstance(op, Scale)]
     act = Actions(_model_view(50, 50))
     p.decide(act.view, act)
-    assert not [op for op in act.batch() if op[0] == "scale"]  # in proportion already: nothing moves
+    assert not [op for op in act.batch() if isinstance(op, Scale)]  # in proportion already: nothing moves
     act = Actions(_model_view(1, 1))
     p.decide(act.view, act)
-    assert not [op for op in act.batch() if op[0] == "scale"]  # too little demand to judge
+    assert not [op for op in act.batch() if isinstance(op, Scale)]  # too little demand to judge
 
 
 def test_sticky_ops_apply_snapshot_and_clear():
@@ -191,6 +193,6 @@ def test_sticky_ops_apply_snapshot_and_clear():
     iid, hard = t.instance_for("P", "sess")
     assert hard and iid == ["P-a-0", "P-b-0"][zlib.crc32(b"sess") % 2]
     assert t.node_for("P", "sess") == iid.split("-")[1]
-    assert ["sticky", "P", ["P-a-0", "P-b-0"]] in t.snapshot_ops()
+    assert control.Sticky("P", ["P-a-0", "P-b-0"]) in t.snapshot_ops()  # (the op)
     cleared = t.apply({"v": 5, "full": True, "ops": []})
-    assert ["sticky", "P", None] in (cleared or []) and not t.sticky and t.here == "a"
+    assert control.Sticky("P", None) in (cleared or []) and not t.sticky and t.here == "a"

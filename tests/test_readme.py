@@ -44,7 +44,7 @@ def test_readme_example_served_by_a_node(tmp_path, start_node, client, monkeypat
 def test_readme_policy_decides_as_described(tmp_path, monkeypatch):
     """The README's policy, loaded as `nalar policy --policies mypolicy:SpillOver` would, over a round's
     metrics: a session waiting behind a backlog moves to the idle instance; the backlog gets an instance."""
-    from nalar.actors.decisions import DecisionTable
+    from nalar.actors.control import DecisionTable, Migrate, Scale
     from nalar.policy import Actions, View, load_policies
 
     m = re.search(r"<!-- readme-policy: (\S+) -->\s*```python\n(.*?)```", README.read_text(), re.S)
@@ -66,8 +66,8 @@ def test_readme_policy_decides_as_described(tmp_path, monkeypatch):
         act = Actions(View(metrics, DecisionTable(), 1))
         policy.decide(act.view, act)
         ops = act.batch()
-        moves = [op[2:] for op in ops if op[0] == "migrate"]
-        assert moves == [["s1", "A", "A-n1-0", "A-n2-0"]]  # s2 has not waited 500 ms
-        assert ["scale", "n1", "A", 2, []] in ops
+        moves = [(op.session, op.actor, op.src, op.dst) for op in ops if isinstance(op, Migrate)]
+        assert moves == [("s1", "A", "A-n1-0", "A-n2-0")]  # s2 has not waited 500 ms
+        assert Scale("n1", "A", 2, []) in ops
     finally:
         sys.modules.pop("mypolicy", None)

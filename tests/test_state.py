@@ -311,7 +311,7 @@ def test_garbage_in_a_state_transfer_fails_the_move_and_the_node_keeps_serving(s
         from nalar.state.placement import KVPlacement
 
         nc = await nats.connect(nats_url)
-        p = await KVPlacement.open(nc, namespace)
+        p = await KVPlacement.open(nc.jetstream(), namespace)
         assert await p.claim(K.unit("victim-session", "Counter"), "fake") == "fake"
         await nc.close()
 

@@ -67,18 +67,14 @@ async def _client(url: str, ns: str, n: int, hold: float) -> None:
 
 
 async def _one(url: str, ns: str, n: int, rounds: int, hold: float) -> dict[str, Any]:
-    from ..actors.runtime import Runtime
-    from ..bus.connection import ConnectOptions, open_connection
-    from ..bus.transport import NatsTransport
+    from ..actors.client import open_runtime
     from ..policy import PolicyActor, load_policies
 
     nodes = [Child([sys.executable, "-m", "nalar.cli.main", "node", "nalar.workloads.bench_actors:Waiter",
                     "--nats", url, "--namespace", ns, "--name", f"ctl{i}", "--max-queue", str(max(n, 1000))],
                    " ready on ") for i in range(NODES)]
     client = None
-    nc = await open_connection(ConnectOptions.resolve(url, name="bench-policy"), lambda: None)
-    rt = Runtime(NatsTransport(nc), ns, name="bench-policy")
-    await rt.start()
+    rt = await open_runtime(url, ns, "bench-policy")
     try:
         actor = PolicyActor(rt, load_policies("balance,head-of-line,srtf,lpt") + [Churn()], collect_timeout=5.0)
         await actor.start()
@@ -110,7 +106,7 @@ async def _one(url: str, ns: str, n: int, rounds: int, hold: float) -> dict[str,
         pings = []
         for _ in range(rounds):  # the reference: a bare scatter/gather over the same nodes
             p0 = time.perf_counter()
-            await asyncio.gather(*(rt.transport_request(rt.subjects.node(f"ctl{i}"), {"op": "ping"})
+            await asyncio.gather(*(rt.request(rt.subjects.node(f"ctl{i}"), {"op": "ping"})
                                    for i in range(NODES)))
             pings.append((time.perf_counter() - p0) * 1000)
         await actor.stop()

@@ -201,7 +201,7 @@ async def run_config(wl: WorkloadSpec, config: str, url: str, ns: str, rps: floa
 async def _deployment_stats(actor: Any, names: list[str]) -> dict[str, Any]:
     """What the policies did and what the model engines saw, from each node's status."""
     rt = actor.rt
-    nodes = await asyncio.gather(*(rt.transport_request(rt.subjects.node(n), {"op": "status"}, 10) for n in names))
+    nodes = await asyncio.gather(*(rt.request(rt.subjects.node(n), {"op": "status"}, 10) for n in names))
     hit: list[float] = []
     moved = provisioned = killed = 0
     for node in nodes:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..bus.transport import LocalTransport
-from .client import gather_status
-from .loop import LoopThread
+from ...bus.transport import LocalTransport
+from ..client import gather_status
+from ..loop import LoopThread
 from .node import Node
-from .runtime import Runtime, set_default_runtime
-from .stub import Stub
+from ..runtime import Runtime, set_default_runtime
+from ..stub import Stub
 
 
 class Local:

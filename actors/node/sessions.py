@@ -19,20 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
-from ..bus import envelope as env
-from ..bus.errors import MalformedMessage, StateError
-from ..bus.transport import LocalTransport, NatsTransport
-from ..state import keys as K
-from ..state import transfer
-from ..state.committer import Commit, Committer, Drop, Put
-from ..state.placement import KVPlacement, LocalPlacement, Placement, holder
-from ..state.store import Store
-
-if TYPE_CHECKING:
-    from .node import Call, Node
+from ...bus import envelope as env
+from ...bus.errors import MalformedMessage, StateError, Unavailable
+from ...bus.transport import is_no_responders
+from ...state import keys as K
+from ...state import transfer
+from ...state.committer import Commit, Committer, Drop, Put
+from ...state.managed import Txn
+from ...state.placement import KVPlacement, LocalPlacement, Placement, holder
+from ...state.store import Store
+from ..runtime import Runtime
+from .calls import Answer, Call, Queue
 
 log = logging.getLogger("nalar.sessions")
 H_SEQ, H_TOTAL = "Nalar-Seq", "Nalar-Total"
@@ -40,41 +39,47 @@ TRANSFER_TIMEOUT = 30.0  # a transfer of 10 MiB takes ~50 ms here; this bounds h
 
 
 class Sessions:
-    def __init__(self, node: "Node", store: Store, placement: Placement) -> None:
-        self.node = node
-        self.rt = node.rt
+    """This node's ``StateGate``: which units it holds, whose turn it is in each, commits and moves.
+
+    It reaches the rest of the node only through its ports: ``queue`` (a call's turn came),
+    ``answer`` (answered from the store, or failed) and ``readmit`` (a call parked during a move
+    that failed re-enters: the node's enforcement decides where it goes).
+    """
+
+    def __init__(self, name: str, rt: Runtime, store: Store, placement: Placement, queue: Queue,
+                 answer: Answer) -> None:
+        self.name = name
+        self.rt = rt
+        self.queue = queue
+        self.answer = answer
+        self.readmit: Callable[[Call], None] = self.admit
         self.store = store
         self.committer = Committer(store)
         self.placement = placement
         self.held: set[bytes] = set()  # units placement says are ours (checked once per unit)
-        self._acquiring: dict[bytes, list["Call"]] = {}
+        self._acquiring: dict[bytes, list[Call]] = {}
         self._bringing: dict[bytes, "asyncio.Future[None]"] = {}  # one claim/pull per unit at a time
-        self.moving: dict[bytes, list["Call"]] = {}  # units being exported -> calls parked meanwhile
-        self.owner: dict[bytes, "Call"] = {}  # the call whose turn it is, per unit
-        self.busy: dict[bytes, list["Call"]] = {}  # unit -> calls waiting their turn (stateful order)
+        self.moving: dict[bytes, list[Call]] = {}  # units being exported -> calls parked meanwhile
+        self.owner: dict[bytes, Call] = {}  # the call whose turn it is, per unit
+        self.busy: dict[bytes, list[Call]] = {}  # unit -> calls waiting their turn (stateful order)
         self._idle: dict[bytes, asyncio.Event] = {}
         self._confirm: dict[bytes, "asyncio.Future[bool]"] = {}
         self.pulled = 0
         self.exported = 0
 
     @classmethod
-    async def open(cls, node: "Node", path: str) -> "Sessions":
+    async def open(cls, name: str, rt: Runtime, path: str, queue: Queue, answer: Answer) -> "Sessions":
         store = Store(path)
-        t = node.rt.transport
-        placement: Placement
-        if isinstance(t, NatsTransport):
-            placement = await KVPlacement.open(t.nc, node.rt.subjects.ns)
-        else:
-            assert isinstance(t, LocalTransport)
-            placement = LocalPlacement()
-        return cls(node, store, placement)
+        js = rt.transport.jetstream()
+        placement: Placement = LocalPlacement() if js is None else await KVPlacement.open(js, rt.subjects.ns)
+        return cls(name, rt, store, placement, queue, answer)
 
     def close(self) -> None:
         self.committer.stop()
         self.store.close()
 
     # -- admission ------------------------------------------------------------------------------
-    def admit(self, c: "Call") -> None:
+    def admit(self, c: Call) -> None:
         """Run ``c`` once its unit is held here and its turn comes; answer it from the store if it committed."""
         u = c.unit
         if u in self.moving:
@@ -91,24 +96,24 @@ class Sessions:
         try:
             prior = self.store.find_future(c.id)
         except StateError as e:
-            self.node._fail_call(c, "state", "StateError", str(e))
+            self.answer.fail(c, StateError, str(e))
             return
         if prior is not None:  # a retry of a call that already committed: same answer, no second effect
-            self.node._respond(c, True, prior[1])
+            self.answer.respond(c, True, prior[1])
             return
         if u in self.owner:
             self.busy[u].append(c)
             return
         self.owner[u] = c
         self.busy[u] = []
-        self.node._enqueue(c)
+        self.queue.enqueue(c)
 
     async def _acquire(self, u: bytes) -> None:
         err: str | None = None
         try:
             await self.bring_here(u)
         except Exception as e:  # the holder is gone, placement is unreachable...: the calls fail clearly
-            err = f"cannot bring session state {K.split_unit(u)} to node {self.node.name}: {e}"
+            err = f"cannot bring session state {K.split_unit(u)} to node {self.name}: {e}"
             log.warning("%s", err)
         for c in self._acquiring.pop(u, []):
             if c.done:
@@ -116,9 +121,9 @@ class Sessions:
             if err is None:
                 self.admit(c)
             else:  # retryable: the holder may be restarting
-                self.node._fail_call(c, "unavailable", "Unavailable", err)
+                self.answer.fail(c, Unavailable, err)
 
-    def release(self, c: "Call") -> None:
+    def release(self, c: Call) -> None:
         """``c`` is answered: if it had its unit's turn, the next waiting call gets it."""
         u = c.unit
         if self.owner.get(u) is not c:  # it never had the turn: just leave the line
@@ -131,7 +136,7 @@ class Sessions:
             nxt = queue.pop(0)
             if not nxt.done:
                 self.owner[u] = nxt
-                self.node._enqueue(nxt)
+                self.queue.enqueue(nxt)
                 return
         del self.busy[u]
         del self.owner[u]
@@ -139,9 +144,9 @@ class Sessions:
         if ev is not None:
             ev.set()
 
-    def withdraw(self, u: bytes) -> list["Call"]:
+    def withdraw(self, u: bytes) -> list[Call]:
         """Take out every call of ``u`` that has not started here (to send them elsewhere), in order."""
-        out: list["Call"] = []
+        out: list[Call] = []
         owner = self.owner.get(u)
         if owner is not None:
             line = self.busy.get(u, [])
@@ -174,17 +179,17 @@ class Sessions:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._bringing[u] = fut
         try:
-            me = self.node.name
+            me = self.name
             if expect_src is None:
                 value = await self.placement.claim(u, me)
             else:  # a migrate: the unit must already be placed at its source
                 cur = await self.placement.get(u)
                 if cur is None:
-                    raise StateError("StateError", f"{K.split_unit(u)} is not placed anywhere")
+                    raise StateError(f"{K.split_unit(u)} is not placed anywhere")
                 value = cur[0]
             src = holder(value)
             if expect_src is not None and src != expect_src:
-                raise StateError("StateError", f"{K.split_unit(u)} is held by {src!r}, not {expect_src!r}")
+                raise StateError(f"{K.split_unit(u)} is held by {src!r}, not {expect_src!r}")
             if src == me:
                 if value != me:  # we died while moving it away: take it back (the destination's swap fails)
                     await self.placement.swap(u, value, me)
@@ -197,20 +202,26 @@ class Sessions:
                 fut.set_result(None)
 
     # -- commit -----------------------------------------------------------------------------------
-    def commit(self, c: "Call", writes: dict[str, bytes], body: bytes) -> None:
-        def done(outcome: Any) -> None:
-            self.rt.post(self.node._committed, c, outcome, body)
+    def begin(self, c: Call) -> Txn:
+        """The transaction ``c``'s managed objects read and write through."""
+        return Txn(self.store, c.unit)
+
+    def commit(self, c: Call, writes: dict[str, bytes], body: bytes,
+               done: Callable[[Call, Any, bytes], None]) -> None:
+        """Commit ``c``'s changes as its unit's next version; ``done(c, outcome, body)`` runs on the loop."""
+        def settled(outcome: Any) -> None:
+            self.rt.post(done, c, outcome, body)
 
         assert c.txn is not None
-        self.committer.submit(Commit(c.unit, c.id, c.method, c.attempt, dict(c.txn.seen), writes, body, done))
+        self.committer.submit(Commit(c.unit, c.id, c.method, c.meta.attempt, dict(c.txn.seen), writes, body, settled))
 
     # -- moving units -------------------------------------------------------------------------------
     async def export(self, u: bytes, reply: str, to: str) -> None:
         """Holder side of a move: fence it in placement, stream the unit, drop it only once ``to`` holds it."""
-        me = self.node.name
+        me = self.name
 
         def refuse(why: str) -> None:
-            self.rt.send(reply, env.encode_error({"kind": "state", "type": "StateError", "message": why}))
+            self.rt.send(reply, env.encode_error(StateError(why).to_wire()))
 
         if u in self.moving or u in self._bringing:
             refuse(f"{K.split_unit(u)} is already moving")
@@ -236,7 +247,7 @@ class Sessions:
             if not records:  # claimed but never written: an empty unit moves as an empty head
                 records = [(K.head(u), b'{"v":0,"o":{}}')]
             data = transfer.pack(records)
-            size = max(1024, self.rt.transport.max_payload - 4096)
+            size = max(1024, self.rt.transport.max_payload - env.HEADER_ALLOWANCE)
             parts = transfer.chunks(data, size)
             for i, part in enumerate(parts):
                 await self.rt.transport.publish(reply, part, {H_SEQ: str(i), H_TOTAL: str(len(parts))})
@@ -269,7 +280,7 @@ class Sessions:
             self.moving.pop(u, None)
             for c in parked:  # they re-enter: here if the move failed, else they follow their route
                 if not c.done:
-                    self.node._readmit(c)
+                    self.readmit(c)
 
     def confirmed(self, u: bytes, ok: bool) -> None:
         f = self._confirm.get(u)
@@ -279,61 +290,50 @@ class Sessions:
     async def _pull(self, u: bytes, src: str) -> int:
         """Destination side: fetch the unit, write it durably, then swap placement ``src>me`` to ``me``."""
         rt = self.rt
-        me = self.node.name
+        me = self.name
         session, actor = K.split_unit(u)
-        inbox = rt.subjects.inbox(rt.proc, f"pull{time.monotonic_ns():x}")
         parts: dict[int, bytes] = {}
         total: list[int] = []
-        got = asyncio.Event()
         failure: list[str] = []
 
-        def on(subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        def on(data: bytes, headers: dict[str, str] | None) -> bool:
             try:
                 if not headers or H_SEQ not in headers:
-                    if not data and headers and headers.get("Status") == "503":
+                    if is_no_responders(data, headers):
                         failure.append(f"node {src} is not reachable")
                     else:
                         ok, value = env.decode_reply(data)  # the holder refused, with a reason
                         failure.append(str(value.get("message") if isinstance(value, dict) else value))
-                    got.set()
-                    return
+                    return True
                 seq, n = int(headers[H_SEQ]), int(headers[H_TOTAL])
                 if not (0 <= seq < n <= 1_000_000):
                     raise ValueError("bad sequence")
             except (MalformedMessage, ValueError) as e:
                 rt.count_malformed("transfer")
                 failure.append(f"malformed transfer message: {e}")
-                got.set()
-                return
+                return True
             parts[seq] = data
             if not total:
                 total.append(n)
-            if len(parts) >= total[0]:
-                got.set()
+            return len(parts) >= total[0]
 
         async def tell(ok: bool) -> None:
             await rt.transport.publish(rt.subjects.node(src), env.dumps(
                 {"op": "export_done", "session": session, "actor": actor, "ok": ok}))
 
-        sub = await rt.transport.subscribe(inbox, on)
-        try:
-            await rt.transport.publish(rt.subjects.node(src), env.dumps(
-                {"op": "export", "session": session, "actor": actor, "to": me}), None, inbox)
-            try:
-                await asyncio.wait_for(got.wait(), TRANSFER_TIMEOUT)
-            except asyncio.TimeoutError:
-                failure.append(f"node {src} did not send {K.split_unit(u)} within {TRANSFER_TIMEOUT:.0f} s")
-        finally:
-            await sub.unsubscribe()
+        await rt.scatter(rt.subjects.node(src), {"op": "export", "session": session, "actor": actor, "to": me},
+                         on, TRANSFER_TIMEOUT)
+        if not failure and (not total or len(parts) < total[0]):
+            failure.append(f"node {src} did not send {K.split_unit(u)} within {TRANSFER_TIMEOUT:.0f} s")
         try:
             if failure:
-                raise StateError("StateError", failure[0])
+                raise StateError(failure[0])
             data = b"".join(parts[i] for i in range(total[0]))
             records = transfer.unpack(data, u)  # validates everything before a byte is written
             await self._write(Put(u, records, _ignore))
             if not await self.placement.swap(u, f"{src}>{me}", me):
                 await self._write(Drop(u, _ignore))  # the holder took it back: our copy must not live on
-                raise StateError("StateError", f"the move of {K.split_unit(u)} was called off by {src}")
+                raise StateError(f"the move of {K.split_unit(u)} was called off by {src}")
         except BaseException:
             await tell(False)
             raise

@@ -1,0 +1,51 @@
+"""The contract between the two control levels: the policy actor and each node's local controller.
+
+The policy actor decides from the metrics nodes report and broadcasts decision ops in versioned
+batches; every process (nodes and callers) applies them to its own ``DecisionTable`` and reads it on
+the critical path. Both sides import this package; it imports only ``bus``.
+
+=============  ================================================================================
+file           what it holds
+=============  ================================================================================
+``ops.py``     one typed class per decision-op kind: wire form, validation, effect on the table,
+               no-op test; ``op_from_wire``
+``table.py``   ``DecisionTable``: the decisions in force, applied batch by batch, read per call
+``rows.py``    the metrics a node reports: ``InstanceRow``, ``WaitingRow``, ``NodeMetrics``
+=============  ================================================================================
+
+Ops on the wire (JSON lists, first the kind):
+
+=======================================================  =============================================
+op                                                       meaning
+=======================================================  =============================================
+``["route", session, actor, instance|null]``             hard session route (``null`` removes it)
+``["affinity", session, actor, instance|null]``          soft route: the session's calls go to and wait
+                                                         for that instance (its cache) until the
+                                                         policy moves them
+``["weights", actor, {instance: weight}|null]``          share of an actor's unrouted calls
+``["priority", session, value|null, actor|null]``        priority of a session's calls (at ``actor``)
+``["migrate", id, session, actor, src, dst(, "soft")]``  move queued calls (and state) src -> dst; its
+                                                         later calls follow by a route (by affinity if
+                                                         ``"soft"``)
+``["scale", node, actor, count|null, [drain ids]]``      desired instance count of actor on node
+``["instance", instance, node|null]``                    where an instance lives (for callers)
+``["sticky", actor, [instance, ...]|null]``              static binding: a session's calls to ``actor``
+                                                         go to the instance its id hashes to; other
+                                                         calls go round-robin (bound on arrival)
+``["home", actor, [instance, ...]|null]``                where a session without a route or affinity
+                                                         goes, softly (as ``affinity``): the instance
+                                                         its id hashes to (rendezvous hashing: adding
+                                                         or removing one instance moves only the
+                                                         sessions it gains or loses)
+=======================================================  =============================================
+"""
+from .ops import KINDS, OPS, Affinity, Home, InstanceAt, Migrate, Op, Priority, Route, Scale, Sticky, Weights, \
+    op_from_wire
+from .rows import ActorMetrics, InstanceRow, NodeMetrics, WaitingRow
+from .table import MAX_SESSION_ROUTES, DecisionTable, home_of
+
+__all__ = [
+    "ActorMetrics", "Affinity", "DecisionTable", "Home", "InstanceAt", "InstanceRow", "KINDS", "MAX_SESSION_ROUTES",
+    "Migrate", "NodeMetrics", "OPS", "Op", "Priority", "Route", "Scale", "Sticky", "WaitingRow", "Weights", "home_of",
+    "op_from_wire",
+]

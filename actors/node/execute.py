@@ -1,0 +1,269 @@
+"""Execution: running a bound call, answering it, and ending it early (cancel, deadline, stop).
+
+An ``async def`` method runs as a task on the node's loop; a ``def`` method on its instance's pykka
+thread, handing its outcome back to the loop. A method that returns a future resolves its call with
+that future's value. A call that changed session state commits through the ``StateGate`` before its
+caller hears back; a commit that lost a race re-runs the call from its new base version.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from functools import partial
+from typing import Any
+
+from ...bus import envelope as env
+from ...bus import errors
+from ...bus.errors import Cancelled, DeadlineExceeded, RemoteError, StateError
+from ...state.managed import current_txn
+from ..context import CallScope, current_scope
+from ..deadlines import DeadlineWheel
+from ..future import DONE, Future
+from ..runtime import Runtime
+from . import spans
+from .calls import Book, Call, Instance, Queue, StateGate
+from .hosting import Hosting
+
+#: Times a call whose commit lost a race on its session's objects is re-run before it fails.
+MAX_CONFLICT_RETRIES = 8
+
+
+class Executor:
+    """Runs bound calls and answers them (the ``Answer`` port); owns the node's deadline wheel."""
+
+    def __init__(self, book: Book, rt: Runtime) -> None:
+        self.book = book
+        self.rt = rt
+        self.hosting = Hosting(book, self.run_sync)
+        self.queue: Queue | None = None  # wired by the node (the scheduler hands calls to ``dispatch``)
+        self.state: StateGate | None = None  # session state, on a node hosting stateful actors
+        self.wheel = DeadlineWheel(self.expire)
+
+    # -- starting ---------------------------------------------------------------------------------
+    def dispatch(self, inst: Instance, c: Call) -> None:
+        """Start ``c`` on ``inst`` (the scheduler's ``start``)."""
+        c.inst = inst
+        inst.running += 1
+        if c.cost > 0:
+            inst.spent += c.cost
+        if c.unit and self.state is not None:
+            c.txn = self.state.begin(c)
+        if c.qspan is not None:
+            spans.dequeued(c)
+        g = inst.group
+        m = c.meta
+        c.data = None  # it will not be forwarded now: do not keep its bytes while it runs
+        c.scope = CallScope(m.id, m.request, m.session, m.priority, m.deadline, m.stage, m.born, g.name,
+                            bool(c.unit), c.otel_ctx)
+        if c.arrived:
+            g.wait_ms += ((time.monotonic() - c.arrived) * 1000 - g.wait_ms) * 0.05
+        if m.session is not None and g.kind == "model":
+            g.served(m.session, inst)
+        if g.methods[c.method]:
+            c.task = asyncio.get_running_loop().create_task(self.run_async(inst, c))
+            return
+        inst.sync_running += 1
+        self.hosting.tell(inst, c)
+
+    async def run_async(self, inst: Instance, c: Call) -> None:
+        current_scope.set(c.scope)
+        current_txn.set(c.txn)
+        try:
+            value = await getattr(inst.obj, c.method)(*c.args, **c.kwargs)
+            ok = True
+        except asyncio.CancelledError:
+            value, ok = None, False
+        except BaseException as e:  # SystemExit or KeyboardInterrupt from user code is its error, not ours
+            value, ok = errors.to_wire(e, inst.group.name, c.method, c.id), False
+        self.complete(inst, c, ok, value)
+
+    def run_sync(self, inst: Instance, c: Call) -> None:
+        """Runs on the instance's own thread."""
+        if c.done:  # cancelled or expired while it sat in the mailbox
+            self.rt.post(self.complete, inst, c, False, None)
+            return
+        token = current_scope.set(c.scope)
+        ttoken = current_txn.set(c.txn)
+        try:
+            value = getattr(inst.obj, c.method)(*c.args, **c.kwargs)
+            ok = True
+        except BaseException as e:  # never let pykka see SystemExit & co: it would stop every actor
+            value, ok = errors.to_wire(e, inst.group.name, c.method, c.id), False
+        finally:
+            current_txn.reset(ttoken)
+            current_scope.reset(token)
+        self.rt.post(self.complete, inst, c, ok, value)
+
+    # -- finishing --------------------------------------------------------------------------------
+    def complete(self, inst: Instance, c: Call, ok: bool, value: Any) -> None:
+        """The method returned (on the loop): free its slot, answer it, give the slot the next call."""
+        inst.running -= 1
+        if c.cost > 0:
+            inst.spent -= c.cost
+        g = inst.group
+        if not g.methods[c.method]:
+            inst.sync_running -= 1
+        inst.handled += 1
+        if c.arrived:
+            g.lat_ms += ((time.monotonic() - c.arrived) * 1000 - g.lat_ms) * 0.05
+        if not c.done:
+            if ok and isinstance(value, Future):
+                value.add_done_callback(partial(self._chained, c))
+            else:
+                self._finish(c, ok, value)
+        if inst.draining:
+            if inst.running == 0:
+                self.hosting.retire(inst)
+        elif inst.queued or g.shared:
+            assert self.queue is not None
+            self.queue.pump(inst)
+
+    def _chained(self, c: Call, f: Future[Any]) -> None:
+        """The method returned a future: its value (or error) becomes this call's."""
+        if not self.rt.on_loop():
+            self.rt.post(self._chained, c, f)
+            return
+        if f._state == DONE:
+            self._finish(c, True, f._value)
+            return
+        err = f._value
+        wire = (errors.to_wire(err, c.group.name, c.method, c.id) if isinstance(err, BaseException)
+                else RemoteError("Exception", str(err), c.group.name, c.method, future_id=c.id).to_wire())
+        self._finish(c, False, wire)
+
+    def _finish(self, c: Call, ok: bool, value: Any) -> None:
+        """The method is done: encode its answer, commit its state changes first if it made any."""
+        if c.done or c.committing:
+            return
+        if ok:
+            try:
+                data = env.encode_result(value)
+                env.check_size(data, {env.H_ID: c.id}, self.rt.transport.max_payload,
+                               f"the result of {c.group.name}.{c.method}")
+                writes = c.txn.changes() if c.txn is not None else None
+            except (TypeError, ValueError) as e:
+                ok, value = False, RemoteError(type(e).__name__, str(e), c.group.name, c.method,
+                                               future_id=c.id).to_wire()
+            else:
+                if writes:
+                    assert self.state is not None
+                    c.committing = True
+                    self.state.commit(c, writes, data, self.committed)
+                    return
+        if not ok:
+            if value is None:
+                value = Cancelled("cancelled", c.group.name, c.method, future_id=c.id).to_wire()
+            data = env.encode_error(value)
+        self.respond(c, ok, data, value)
+
+    def committed(self, c: Call, outcome: Any, body: bytes) -> None:
+        """The commit's outcome (on the loop): answer, or re-run the call if it lost a race."""
+        c.committing = False
+        kind = outcome[0]
+        if kind == "ok":
+            self.respond(c, True, body)
+        elif kind == "duplicate":  # an earlier attempt committed first: its answer stands
+            self.respond(c, True, outcome[2])
+        elif kind == "conflict" and c.conflicts < MAX_CONFLICT_RETRIES and not c.done:
+            c.conflicts += 1
+            c.txn = None
+            c.inst = None
+            assert self.queue is not None
+            self.queue.enqueue(c)  # from its new base version
+        else:
+            err = outcome[1]
+            if not isinstance(err, RemoteError):
+                err = StateError(str(err))
+            err.actor, err.method, err.future_id = c.group.name, c.method, c.id
+            wire = err.to_wire()
+            self.respond(c, False, env.encode_error(wire), wire)
+
+    # -- answering ----------------------------------------------------------------------------------
+    def fail(self, c: Call, err: type[RemoteError], message: str) -> None:
+        wire = err(message, c.group.name, c.method, future_id=c.id).to_wire()  # type: ignore[call-arg]
+        self.respond(c, False, env.encode_error(wire), wire)
+
+    def respond(self, c: Call, ok: bool, data: bytes, value: Any = None) -> None:
+        """Send the answer (to every caller waiting on this id) and forget the call."""
+        if c.done:
+            return
+        c.done = True
+        scope = c.scope
+        if scope is not None:
+            scope.closed = True
+            scope.children = None
+        book = self.book
+        book.active.pop(c.id, None)
+        if c.wk:
+            self.wheel.discard(c.wk, c)
+        g = c.group
+        if ok:
+            book.counters["done"] += 1
+            g.done += 1
+        else:
+            book.counters["failed"] += 1
+            g.failed += 1
+            if c.meta.session is not None:
+                book.note_failure(c.meta.session)
+        headers = {env.H_ID: c.id}
+        if c.reply:
+            self.rt.send(c.reply, data, headers)
+        for r in c.retry_replies or ():
+            self.rt.send(r, data, headers)
+        if c.span is not None:
+            spans.finish(c, ok, value if isinstance(value, dict) else None)
+        if c.unit and self.state is not None:
+            self.state.release(c)
+        if not book.active:
+            book.idle.set()
+
+    def reject(self, c: Call, err: type[RemoteError], message: str) -> None:
+        """Refuse a call that was never accepted (nothing to forget)."""
+        self.book.counters["rejected"] += 1
+        if c.reply:
+            wire = err(message, c.group.name, c.method, future_id=c.id).to_wire()  # type: ignore[call-arg]
+            self.rt.send(c.reply, env.encode_error(wire), {env.H_ID: c.id})
+
+    def forget(self, c: Call, handed_to: str) -> None:
+        """``c`` went to another node, which answers it: this node is finished with it."""
+        c.done = True
+        self.book.active.pop(c.id, None)
+        if c.wk:
+            self.wheel.discard(c.wk, c)
+        if c.span is not None:
+            spans.finish(c, True, handed_to=handed_to)
+        if not self.book.active:
+            self.book.idle.set()
+
+    # -- ending early ---------------------------------------------------------------------------------
+    def arm(self, c: Call) -> None:
+        """``c`` is accepted: it is in flight, and its deadline will end it."""
+        self.book.active[c.id] = c
+        c.wk = self.wheel.add(c.meta.deadline, c)
+
+    def abort(self, c: Call, err: type[RemoteError], message: str) -> None:
+        """End ``c`` now with ``err``: out of its queue or its task cancelled, its children cancelled."""
+        if c.done or c.committing:  # a commit under way finishes (quickly) and is answered
+            return
+        if c.inst is None:
+            assert self.queue is not None
+            self.queue.unqueue(c)
+        elif c.task is not None:
+            c.task.cancel()
+        children = c.scope.children if c.scope is not None else None
+        self.fail(c, err, message)
+        for child in children or ():
+            child.cancel()
+
+    def expire(self, c: Call) -> None:
+        if not c.done:
+            self.book.counters["expired"] += 1
+            self.abort(c, DeadlineExceeded, "the call's deadline passed while it was queued or running")
+
+    def cancel(self, ids: list[str]) -> None:
+        for fid in ids:
+            c = self.book.active.get(fid)
+            if c is not None:
+                self.book.counters["cancelled"] += 1
+                self.abort(c, Cancelled, "cancelled by its caller")
+
