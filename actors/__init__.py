@@ -1,4 +1,18 @@
-"""Actors, hints, stubs, futures, the per-process runtime, the node that hosts instances, local mode."""
+"""Actors, hints, stubs, futures, the per-process runtime, the node that hosts instances, local mode.
+
+Where things live, by who reads them:
+
+- what users write against: ``base.py`` (Agent, Tool, Model), ``hints.py``, ``stub.py``,
+  ``future.py`` (Future, gather, wait), ``context.py`` (the call scope: ``nalar.session()``,
+  ``nalar.deadline()``, and what child calls inherit), ``retry.py`` (RetryPolicy)
+- the caller side, in every process: ``runtime.py`` (calls, replies, retries, requests and scatter),
+  ``deadlines.py`` (the timer wheel), ``client.py`` (``nalar.connect``), ``loop.py`` (a loop on a
+  thread), ``loading.py`` (``module:Class`` names)
+- ``control/``: the contract between the policy actor and each node (decision ops, the decision table,
+  metrics rows)
+- ``node/``: the executor, one part per file (its ``__init__`` has the map), and local mode
+- ``models/``: the LLM actor and its engines
+"""
 from .base import Actor, Agent, Model, Tool
 from .client import Client, connect, connect_async
 from .context import deadline, session

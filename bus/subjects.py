@@ -76,6 +76,3 @@ class Subjects:
     @property
     def policy_status(self) -> str:
         return f"{self.prefix}policy.status"
-
-    def inbox(self, proc: str, name: str) -> str:
-        return f"{self.prefix}inbox.{proc}.{name}"
