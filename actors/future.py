@@ -177,7 +177,7 @@ class Future(pykka.Future, Generic[T]):
             return False
         if self._runtime is not None:
             return bool(self._runtime.cancel(self))
-        return self._finish(FAILED, Cancelled("cancelled by caller", self.actor, self.method,
+        return self._finish(FAILED, Cancelled("cancelled by caller", actor=self.actor, method=self.method,
                                               future_id=self.id))
 
     def cancelled(self) -> bool:

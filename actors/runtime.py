@@ -161,7 +161,7 @@ class Runtime:
         self._attempts.stop()
         await self.flush_out()
         for f in list(self.pending.values()):
-            f._finish(FAILED, Cancelled("the runtime closed", f.actor, f.method, future_id=f.id))
+            f._finish(FAILED, Cancelled("the runtime closed", actor=f.actor, method=f.method, future_id=f.id))
         self.pending.clear()
         await self.transport.close()
         LOOP_THREADS.discard(self.loop_thread)
@@ -327,7 +327,7 @@ class Runtime:
         reply = self._reply_prefix + token
         self.pending[token] = fut
         if self.closed:  # closed while we were building it
-            self._fail(fut, Cancelled("the runtime closed", fut.actor, fut.method, future_id=fut.id))
+            self._fail(fut, Cancelled("the runtime closed", actor=fut.actor, method=fut.method, future_id=fut.id))
             return
         if policy.attempts > 1:
             fut._retry = _Retry(policy, subject, args, kwargs or None, headers, reply)
@@ -363,8 +363,8 @@ class Runtime:
         """A child call: in its scope's request, capped by its deadline, counted among its children,
         in its session and at its priority unless it names its own."""
         if scope.closed:  # a cancelled or expired call may not start new work
-            fut._finish(FAILED, Cancelled("the calling method was cancelled or its deadline passed", fut.actor,
-                                          fut.method, future_id=fut.id))
+            fut._finish(FAILED, Cancelled("the calling method was cancelled or its deadline passed", actor=fut.actor,
+                                          method=fut.method, future_id=fut.id))
             return None
         if session is _INHERIT:
             session = scope.session
@@ -378,8 +378,8 @@ class Runtime:
         if scope.holds_unit and fut.actor == scope.actor and session == scope.session:
             fut._finish(FAILED, BadRequest(
                 f"{fut.actor}.{fut.method}: a stateful call may not call its own actor in its own session "
-                "(the session's calls run one at a time, so it would wait for itself)", fut.actor, fut.method,
-                future_id=fut.id))
+                "(the session's calls run one at a time, so it would wait for itself)", actor=fut.actor,
+                method=fut.method, future_id=fut.id))
             return None
         if scope.deadline and scope.deadline < deadline:
             deadline = scope.deadline
@@ -429,7 +429,8 @@ class Runtime:
                     data = body.fill([(m, d._value) for m, d in zip(marks, deps)])
                     env.check_size(data, headers, self.transport.max_payload, f"the call {fut.actor}.{fut.method}")
                 except (TypeError, PayloadTooLarge) as e:
-                    self._fail(fut, BadRequest(str(e), fut.actor, fut.method, future_id=fut.id, type=type(e).__name__))
+                    self._fail(fut, BadRequest(str(e), actor=fut.actor, method=fut.method, future_id=fut.id,
+                                               type=type(e).__name__))
                     return
                 self.post(self._send_call, fut, subject, data, headers, reply)
 
@@ -439,7 +440,7 @@ class Runtime:
     def _fail_dep(self, fut: Future[Any], dep: Future[Any]) -> None:
         err = dep._value
         chain = [err.to_wire()] + list(err.chain) if isinstance(err, RemoteError) else []
-        self._fail(fut, DependencyFailed(f"argument future {dep.id} failed: {err}", fut.actor, fut.method,
+        self._fail(fut, DependencyFailed(f"argument future {dep.id} failed: {err}", actor=fut.actor, method=fut.method,
                                          chain=chain, future_id=fut.id, type=type(err).__name__))
 
     def _fail(self, fut: Future[Any], err: BaseException) -> bool:
@@ -502,7 +503,7 @@ class Runtime:
             self._disarm(fut)
             fut._finish(FAILED, UnknownActor(
                 f"no node serves actor {fut.actor!r} in namespace {self.subjects.ns!r}",
-                fut.actor, fut.method, future_id=fut.id))
+                actor=fut.actor, method=fut.method, future_id=fut.id))
             return
         try:
             ok, value = env.decode_reply(data)
@@ -511,8 +512,8 @@ class Runtime:
         except Exception as e:  # MalformedMessage, or anything odd: the future must still resolve
             self.count_malformed("reply")
             self._disarm(fut)
-            fut._finish(FAILED, BadRequest(f"malformed reply: {e}", fut.actor, fut.method, future_id=fut.id,
-                                           type="MalformedMessage"))
+            fut._finish(FAILED, BadRequest(f"malformed reply: {e}", actor=fut.actor, method=fut.method,
+                                           future_id=fut.id, type="MalformedMessage"))
             return
         if not ok and r is not None and (value.kind in _RETRYABLE_KINDS or
                                          (r.policy.retry_errors and value.kind == "error")):
@@ -565,7 +566,7 @@ class Runtime:
         token = fut.id.rpartition("-")[2]
         if not self._retry_later(fut, token):
             self._fail(fut, Unavailable(f"no executor answered after {r.attempt + 1} attempts "
-                                                       f"of {timeout:g} s each", fut.actor, fut.method,
+                                                       f"of {timeout:g} s each", actor=fut.actor, method=fut.method,
                                         future_id=fut.id))
 
     def _retry_later(self, fut: Future[Any], token: str) -> bool:
@@ -599,13 +600,13 @@ class Runtime:
             return
         self.pending.pop(fut.id.rpartition("-")[2], None)
         self._disarm(fut)
-        fut._finish(FAILED, DeadlineExceeded("the call's deadline passed", fut.actor,
-                                             fut.method, future_id=fut.id))
+        fut._finish(FAILED, DeadlineExceeded("the call's deadline passed", actor=fut.actor,
+                                             method=fut.method, future_id=fut.id))
         self.send(self.subjects.cancel, env.dumps({"ids": [fut.id]}))
 
     def cancel(self, fut: Future[Any]) -> bool:
         """Fail the future as cancelled here and tell every node to stop its work (and its children)."""
-        ok = self._fail(fut, Cancelled("cancelled by caller", fut.actor, fut.method, future_id=fut.id))
+        ok = self._fail(fut, Cancelled("cancelled by caller", actor=fut.actor, method=fut.method, future_id=fut.id))
         if ok and not self.closed:
             body = env.dumps({"ids": [fut.id]})
             if self.on_loop():

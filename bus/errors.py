@@ -96,14 +96,18 @@ class RemoteError(NalarError):
 
 class _Own(RemoteError):
     """A failure nalar itself reports: its ``type`` is the class name unless told otherwise (a
-    ``BadRequest`` for a ``TypeError`` says ``type="TypeError"``)."""
+    ``BadRequest`` for a ``TypeError`` says ``type="TypeError"``).
+
+    Everything but the message is keyword-only, so code written for the old form ``Cls(type, message)``
+    fails loudly instead of sending its message as the actor's name.
+    """
 
     def __init__(
         self,
         message: str,
+        *,
         actor: str = "",
         method: str = "",
-        *,
         traceback: str = "",
         chain: list[dict[str, Any]] | None = None,
         future_id: str = "",

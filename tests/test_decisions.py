@@ -464,7 +464,7 @@ def test_a_malformed_instance_row_is_refused(raw):
         InstanceRow.from_wire(raw)
 
 
-@pytest.mark.parametrize("raw", [None, {"session": "s"}, ["s", None, 1.0, 0, 0], ["", None, 1.0, 0, 0, 0],
+@pytest.mark.parametrize("raw", [None, {"session": "s"}, ["s", None, 1.0, 0, 0],
                                  ["s", "", 1.0, 0, 0, 0], ["s", 3, 1.0, 0, 0, 0], ["s", None, "1", 0, 0, 0],
                                  ["s", None, True, 0, 0, 0], ["s", None, 1.0, 0.5, 0, 0], ["s", None, 1.0, 0, None, 0],
                                  ["s", None, 1.0, 0, 0, False]])
@@ -499,3 +499,8 @@ def test_weights_and_route_with_instances_record_the_same_op():
     for bad in ((["P-a-0"], [1, 2]), (["P-a-0"], [-1]), (["P-x-0"], None)):
         with pytest.raises(ValueError):
             act.weights("P", *bad)
+
+
+def test_a_waiting_row_of_the_empty_session_is_read():
+    """``session=""`` is a session id callers may use; its row must not fail the policy round."""
+    assert WaitingRow.from_wire(["", None, 1.0, 0, 0, 0]).session == ""

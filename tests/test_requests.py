@@ -66,7 +66,7 @@ def test_request_answered(mode, url, namespace):
 
 def test_error_reply_raises_its_remote_error_subclass(mode, url, namespace):
     subject = f"nalar.{namespace}.node.err"
-    errors = {"method": UnknownMethod("no method nope", "A", "nope"), "state": StateError("the store is gone")}
+    errors = {"method": UnknownMethod("no method nope", actor="A", method="nope"), "state": StateError("the store is gone")}
 
     async def body(rt: Runtime) -> None:
         await serve(rt, subject, lambda s, reply, data, h: rt.send(

@@ -73,7 +73,7 @@ _OWN = [E.UnknownActor, E.UnknownMethod, E.BadRequest, E.DeadlineExceeded, E.Can
 
 @pytest.mark.parametrize("cls", _OWN)
 def test_nalar_errors_round_trip_by_kind(cls: type[Any]) -> None:
-    e = cls("it failed", "A", "m", traceback="tb", chain=[{"kind": "error", "type": "X"}], future_id="f-1")
+    e = cls("it failed", actor="A", method="m", traceback="tb", chain=[{"kind": "error", "type": "X"}], future_id="f-1")
     assert e.type == cls.__name__ and isinstance(e, E.RemoteError)
     w = e.to_wire()
     assert w["kind"] == cls.kind
@@ -110,7 +110,7 @@ def test_user_exceptions_go_on_the_wire_with_traceback_and_chain() -> None:
         "error", "ValueError", "bad value", "A", "m", [], "f-1")
     assert "raise ValueError" in w["traceback"]
 
-    inner = E.Cancelled("stopped", "B", "n", chain=[{"kind": "deadline"}], future_id="f-0")
+    inner = E.Cancelled("stopped", actor="B", method="n", chain=[{"kind": "deadline"}], future_id="f-0")
     w = E.to_wire(inner, "A", "m", "f-1")  # a nested call's error that the method let through
     assert (w["kind"], w["type"], w["message"], w["actor"]) == ("error", "Cancelled", "stopped", "A")
     assert w["chain"] == [inner.to_wire(), {"kind": "deadline"}]

@@ -73,7 +73,7 @@ class WaitingRow(NamedTuple):
             raise MalformedMessage("a waiting row is [session, instance, wait_ms, stage, reentries, priority], "
                                    f"not {raw!r:.80}")
         session, inst, wait, stage, re, prio = raw
-        if not isinstance(session, str) or not session or not (inst is None or (isinstance(inst, str) and inst)) \
+        if not isinstance(session, str) or not (inst is None or (isinstance(inst, str) and inst)) \
                 or not isinstance(wait, (int, float)) or isinstance(wait, bool) or not _int(stage) \
                 or not _int(re) or not _int(prio):
             raise MalformedMessage(f"a malformed waiting row: {raw!r:.80}")

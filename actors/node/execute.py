@@ -53,8 +53,9 @@ class Executor:
         g = inst.group
         m = c.meta
         c.data = None  # it will not be forwarded now: do not keep its bytes while it runs
-        c.scope = CallScope(m.id, m.request, m.session, m.priority, m.deadline, m.stage, m.born, g.name,
-                            bool(c.unit), c.otel_ctx)
+        if c.scope is None:  # a re-run (its commit lost a race) keeps its scope: one call, one set of children
+            c.scope = CallScope(m.id, m.request, m.session, m.priority, m.deadline, m.stage, m.born, g.name,
+                                bool(c.unit), c.otel_ctx)
         if c.arrived:
             g.wait_ms += ((time.monotonic() - c.arrived) * 1000 - g.wait_ms) * 0.05
         if m.session is not None and g.kind == "model":
@@ -152,7 +153,7 @@ class Executor:
                     return
         if not ok:
             if value is None:
-                value = Cancelled("cancelled", c.group.name, c.method, future_id=c.id).to_wire()
+                value = Cancelled("cancelled", actor=c.group.name, method=c.method, future_id=c.id).to_wire()
             data = env.encode_error(value)
         self.respond(c, ok, data, value)
 
@@ -180,7 +181,7 @@ class Executor:
 
     # -- answering ----------------------------------------------------------------------------------
     def fail(self, c: Call, err: type[RemoteError], message: str) -> None:
-        wire = err(message, c.group.name, c.method, future_id=c.id).to_wire()  # type: ignore[call-arg]
+        wire = err(message, actor=c.group.name, method=c.method, future_id=c.id).to_wire()  # type: ignore[call-arg]
         self.respond(c, False, env.encode_error(wire), wire)
 
     def respond(self, c: Call, ok: bool, data: bytes, value: Any = None) -> None:
@@ -221,7 +222,7 @@ class Executor:
         """Refuse a call that was never accepted (nothing to forget)."""
         self.book.counters["rejected"] += 1
         if c.reply:
-            wire = err(message, c.group.name, c.method, future_id=c.id).to_wire()  # type: ignore[call-arg]
+            wire = err(message, actor=c.group.name, method=c.method, future_id=c.id).to_wire()  # type: ignore[call-arg]
             self.rt.send(c.reply, env.encode_error(wire), {env.H_ID: c.id})
 
     def forget(self, c: Call, handed_to: str) -> None:

@@ -47,7 +47,8 @@ class Intake:
         except MalformedMessage as e:
             self.rt.count_malformed("call")
             if reply:
-                self.rt.send(reply, env.encode_error(BadRequest(str(e), g.name, type="MalformedMessage").to_wire()))
+                err = BadRequest(str(e), actor=g.name, type="MalformedMessage")
+                self.rt.send(reply, env.encode_error(err.to_wire()))
             return
         t0 = time.perf_counter_ns()  # scheduling starts with a decoded call (decoding is the bus's work)
         c.group = g
@@ -68,8 +69,10 @@ class Intake:
             return
         table = self.rt.table
         bound: Bound | None = None
-        if table.active and (m.session is not None or g.name in table.sticky):
-            bound = table.instance_for(g.name, m.session)  # once: the scheduler binds with it too
+        # A session's routing lookup is made once, here, and the scheduler reuses it; without a session it
+        # would be a round-robin turn (sticky), taken only when the call binds.
+        if table.active and m.session is not None:
+            bound = table.instance_for(g.name, m.session)
         if table.active and m.fwd is None:  # routed elsewhere (a caller with older decisions)?
             dest = self.enforcer.elsewhere(g, c, direct, bound)
             if dest is not None and self.enforcer.forward(c, dest):

@@ -308,7 +308,7 @@ class Sessions:
                 seq, n = int(headers[H_SEQ]), int(headers[H_TOTAL])
                 if not (0 <= seq < n <= 1_000_000):
                     raise ValueError("bad sequence")
-            except (MalformedMessage, ValueError) as e:
+            except (MalformedMessage, ValueError, KeyError) as e:
                 rt.count_malformed("transfer")
                 failure.append(f"malformed transfer message: {e}")
                 return True
@@ -321,8 +321,12 @@ class Sessions:
             await rt.transport.publish(rt.subjects.node(src), env.dumps(
                 {"op": "export_done", "session": session, "actor": actor, "ok": ok}))
 
-        await rt.scatter(rt.subjects.node(src), {"op": "export", "session": session, "actor": actor, "to": me},
-                         on, TRANSFER_TIMEOUT)
+        try:
+            await rt.scatter(rt.subjects.node(src), {"op": "export", "session": session, "actor": actor, "to": me},
+                             on, TRANSFER_TIMEOUT)
+        except BaseException:
+            await tell(False)
+            raise
         if not failure and (not total or len(parts) < total[0]):
             failure.append(f"node {src} did not send {K.split_unit(u)} within {TRANSFER_TIMEOUT:.0f} s")
         try:
