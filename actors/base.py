@@ -7,7 +7,7 @@ the instance's own thread (a pykka actor), ``async def`` methods on the node's e
 from __future__ import annotations
 
 import inspect
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from ..bus.subjects import check_token
 
@@ -50,6 +50,27 @@ class Model(Actor):
     """A model: wraps an LLM engine (vLLM, an OpenAI-compatible server, a simulation)."""
 
     kind = "model"
+
+
+@runtime_checkable
+class Budgeted(Protocol):
+    """An actor whose calls hold a share of something finite while they run (a model's KV cache): the
+    node starts a call only while the running ones' costs fit the budget (a call alone always starts)."""
+
+    def admission_cost(self, method: str, args: list[Any], kwargs: dict[str, Any]) -> int:
+        """What this call would hold while it runs (a model: its prompt and output tokens)."""
+        ...
+
+    def admission_budget(self) -> int | None:
+        """What the instance can hold at once; ``None``: no limit now."""
+        ...
+
+
+@runtime_checkable
+class ReportsEngineStats(Protocol):
+    """An actor with an engine whose stats (running, waiting, KV use) go into status and metrics."""
+
+    def engine_stats(self) -> dict[str, Any]: ...
 
 
 async def run_hook(fn: Any) -> None:

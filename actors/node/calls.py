@@ -19,7 +19,7 @@ import pykka
 from ...bus.envelope import CallMessage
 from ...bus.errors import RemoteError
 from ...state.managed import Txn
-from ..base import Actor, actor_name, public_methods
+from ..base import Actor, Budgeted, actor_name, public_methods
 from ..context import CallScope
 from ..hints import Hints
 
@@ -115,10 +115,9 @@ class ActorGroup:
         self.lat_ms = 0.0  # moving averages: run time, and queue wait
         self.wait_ms = 0.0
         self.kind = str(getattr(cls, "kind", "actor"))
-        # An instance that prices its calls (``admission_cost``) and says what it can hold at once
-        # (``admission_budget``): a model whose engine keeps room for its sessions' prefix caches.
-        self.budgeted = callable(getattr(cls, "admission_cost", None)) and callable(
-            getattr(cls, "admission_budget", None))
+        # An instance that prices its calls and says what it can hold at once (``Budgeted``): a model
+        # whose engine keeps room for its sessions' prefix caches.
+        self.budgeted = issubclass(cls, Budgeted)
         self.recent: OrderedDict[str, str] = OrderedDict()  # session -> instance that last served it
         self.fresh: list[tuple[str, str]] = []  # (session, instance) pairs new since the last metrics
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import time
 from heapq import heapify, heappop, heappush
-from typing import Any
+from typing import Any, cast
 
+from ..base import Budgeted
 from ..control import DecisionTable
 from .calls import ActorGroup, Book, Bound, Call, Instance, Start
 
@@ -146,7 +147,7 @@ class Scheduler:
         if inst.spent == 0:
             return True
         try:
-            budget = inst.obj.admission_budget()  # type: ignore[attr-defined]
+            budget = cast(Budgeted, inst.obj).admission_budget()
         except Exception:
             log.exception("%s.admission_budget failed: no budget", g.name)
             budget = None
@@ -239,7 +240,7 @@ def _place(c: Call) -> tuple[int, int]:
 def cost_of(inst: Instance, c: Call) -> int:
     """What ``c`` holds of a budgeted instance while it runs (its own ``admission_cost``)."""
     try:
-        return max(0, int(inst.obj.admission_cost(c.method, c.args, c.kwargs)))  # type: ignore[attr-defined]
+        return max(0, int(cast(Budgeted, inst.obj).admission_cost(c.method, c.args, c.kwargs)))
     except Exception:  # bad arguments fail in the method itself, with their own error
         return 0
 

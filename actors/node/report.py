@@ -17,6 +17,7 @@ from ...bus import envelope as env
 from ...bus import tracing
 from ...bus.errors import BadRequest, MalformedMessage, StateError
 from ...state import keys as state_keys
+from ..base import ReportsEngineStats
 from ..control import InstanceRow, WaitingRow
 from ..runtime import Runtime
 from .calls import ActorGroup, Book
@@ -220,13 +221,13 @@ class Reporter:
 
 
 def engine_stats(g: ActorGroup) -> dict[str, Any] | None:
-    """Model engine stats (running, waiting, KV use) from instances that offer ``engine_stats()``."""
+    """Model engine stats (running, waiting, KV use) from instances that offer them (``ReportsEngineStats``)."""
     out: dict[str, Any] = {}
     for inst in g.instances:
-        fn = getattr(inst.obj, "engine_stats", None)
-        if callable(fn):
+        obj = inst.obj
+        if isinstance(obj, ReportsEngineStats):
             try:
-                out[inst.id] = fn()
+                out[inst.id] = obj.engine_stats()
             except Exception as e:
                 out[inst.id] = {"error": repr(e)}
     return out or None
