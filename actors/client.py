@@ -33,17 +33,18 @@ async def gather_status(rt: Runtime, timeout: float = 2.0, quiet: float = 0.3) -
     """Ask every node for its status; collect answers until none came for ``quiet`` seconds."""
     out: list[dict[str, Any]] = []
 
-    def on(data: bytes, headers: dict[str, str] | None) -> bool:
+    def on(data: bytes, headers: dict[str, str] | None) -> bool | None:
         if is_no_responders(data, headers):
-            return True  # no node at all
+            return True  # no node at all: nothing to wait for
         try:
             ok, value = env.decode_reply(data)
         except Exception:
             rt.count_malformed("status-reply")
-            return False
+            return None  # not a status: the quiet window starts with the first real one
         if ok and isinstance(value, dict):
             out.append(value)
-        return False
+            return False
+        return None
 
     await rt.scatter(rt.subjects.status, b"{}", on, timeout, quiet)
     return sorted(out, key=lambda s: str(s.get("node")))
@@ -169,7 +170,7 @@ async def open_runtime(url: str | None, namespace: str | None, name: str,
 
     ``url`` and ``namespace`` default as for ``connect``; ``on_closed`` runs if the connection is lost for
     good; ``connection_name`` is how the server lists it (default ``name``). A node passes
-    ``start=False`` to hook itself into the runtime (name, decisions) before it starts.
+    ``start=False`` to name the runtime's decision table (``table.here``) before it loads decisions.
     """
     nc = await open_connection(ConnectOptions.resolve(url, name=connection_name or name), on_closed)
     rt = Runtime(NatsTransport(nc), resolve_namespace(namespace), name=name)

@@ -648,7 +648,8 @@ class Runtime:
 
         The replies come on the runtime's reply subscription (token ``q<n>``), not on an inbox of their
         own. It returns when ``on`` returns True, after ``timeout`` seconds, or, with ``quiet``, once
-        no reply came for ``quiet`` seconds after the last one; replies after that are counted as
+        no reply came for ``quiet`` seconds after the first one ``on`` counted (it returns False for a
+        reply it counts, ``None`` for one it ignores, such as a malformed one); replies after that are counted as
         ``late_replies``. ``on`` sees every reply raw, headers included (``Nalar-Seq`` of a transfer,
         say); NATS's answer when nobody listens on ``subject`` is one too: empty data with
         ``Status: 503`` (``is_no_responders``), and the only one. An exception in ``on`` ends it and
@@ -663,9 +664,10 @@ class Runtime:
 
         def handler(data: bytes, headers: dict[str, str] | None) -> None:
             nonlocal heard, ended, error
-            heard = True
             try:
-                ended = bool(on(data, headers))
+                got = on(data, headers)
+                heard = heard or got is not None  # ``None``: a reply ``on`` did not count (malformed, say)
+                ended = bool(got)
             except Exception as e:
                 ended, error = True, e
             if ended:

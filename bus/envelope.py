@@ -34,6 +34,7 @@ H_BORN = "Nalar-Born"  # when its request (the root call) started, Unix µs: que
 
 MAX_ID_LEN = 128
 MAX_SESSION_LEN = 256
+MAX_TRACEPARENT_LEN = 128  # W3C's is 55 characters; room for future versions
 _BYTES_KEY = "$bytes"
 _BYTES_MARK = b'"$bytes"'
 _OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
@@ -282,6 +283,14 @@ class CallMeta:
             raise MalformedMessage("call has a non-numeric deadline, priority, attempt, stage or born header") from None
         if not math.isfinite(deadline) or deadline < 0:
             raise MalformedMessage("call has a deadline that is not a finite Unix time")
+        if (len(m.request) > MAX_ID_LEN or (m.parent is not None and len(m.parent) > MAX_ID_LEN)
+                or (m.fwd is not None and len(m.fwd) > MAX_ID_LEN)
+                or (m.session is not None and len(m.session) > MAX_SESSION_LEN)
+                or (m.traceparent is not None and len(m.traceparent) > MAX_TRACEPARENT_LEN)):
+            # bounded, so that every header a node sends on stays within HEADER_ALLOWANCE
+            raise MalformedMessage(f"call has a Nalar-Req, Nalar-Parent or Nalar-Fwd over {MAX_ID_LEN} characters, "
+                                   f"a Nalar-Session over {MAX_SESSION_LEN} or a traceparent over "
+                                   f"{MAX_TRACEPARENT_LEN}")
         return m
 
 

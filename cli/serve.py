@@ -46,7 +46,8 @@ async def serve_node(specs: list[tuple[type, int | None]], url: str | None, name
             lost.append(True)
             stop.set()
 
-    # not started yet: the node hooks itself in (its name, its decisions handler) first
+    # not started yet: the node names the runtime's decision table first (``table.here``), and hooks its
+    # decisions handler in at its own start, replaying what the runtime loaded
     rt = await open_runtime(url, namespace, name or "node", on_closed,
                             connection_name=f"nalar-node-{name or ''}".rstrip("-"), start=False)
     node = Node(rt, specs, name=name, state_dir=state_dir, **({"max_queue": max_queue} if max_queue else {}))

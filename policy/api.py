@@ -12,6 +12,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..bus.errors import MalformedMessage
 from ..actors.control import (Affinity, DecisionTable, Home, InstanceAt, InstanceRow, Migrate, Op,
                               Priority, Route, Scale, Sticky, WaitingRow, Weights)
 
@@ -89,6 +90,7 @@ class View:
         self.actors: dict[str, ActorView] = {}
         self.instances: dict[str, InstanceView] = {}
         self.futures = 0
+        self.malformed_rows = 0  # metrics rows skipped because they did not validate
         for node in self.nodes:
             m = metrics[node]
             self.futures += int(m.get("in_flight", 0))
@@ -104,14 +106,22 @@ class View:
                 av.wait_ms += float(a.get("wait_ms", 0.0)) / len(self.nodes)
                 first = None
                 for raw in a.get("instances", []):
-                    r = InstanceRow.from_wire(raw)
+                    try:
+                        r = InstanceRow.from_wire(raw)
+                    except MalformedMessage:  # one bad row must not cost the round (or the node its view)
+                        self.malformed_rows += 1
+                        continue
                     iv = InstanceView(r.id, name, node, r.running, r.queued, r.limit, r.draining)
                     av.instances.append(iv)
                     self.instances[r.id] = iv
                     if first is None and not r.draining:
                         first = r.id
                 for raw in a.get("waiting", []):
-                    w = WaitingRow.from_wire(raw)
+                    try:
+                        w = WaitingRow.from_wire(raw)
+                    except MalformedMessage:
+                        self.malformed_rows += 1
+                        continue
                     av.waiting.append(Waiting(w.session, name, node, w.instance or first or "", w.instance is not None,
                                               w.wait_ms, w.stage, w.reentries, w.priority))
                 av.recent.extend((s, i) for s, i in a.get("recent", []))

@@ -473,7 +473,7 @@ def test_a_malformed_waiting_row_is_refused(raw):
         WaitingRow.from_wire(raw)
 
 
-def test_the_view_reads_rows_and_refuses_a_malformed_one():
+def test_the_view_reads_rows_and_skips_a_malformed_one():
     m = {"a": _metrics("a", "P", [["P-a-0", 1, 2, 4, False]])}
     m["a"]["actors"]["P"]["waiting"] = [["s", None, 30.0, 2, 1, 5]]
     v = View(m, DecisionTable(), 1)
@@ -481,8 +481,11 @@ def test_the_view_reads_rows_and_refuses_a_malformed_one():
     [w] = v.actors["P"].waiting
     assert (w.session, w.instance, w.routed, w.wait_ms, w.stage, w.reentries, w.priority) == \
         ("s", "P-a-0", False, 30.0, 2, 1, 5)  # unrouted: shown at its node's first live instance
-    with pytest.raises(MalformedMessage):
-        View({"a": _metrics("a", "P", [["P-a-0", 1, 2, 4]])}, DecisionTable(), 1)
+    bad = {"a": _metrics("a", "P", [["P-a-0", 1, 2, 4], ["P-a-1", 0, 0, 4, False]])}
+    bad["a"]["actors"]["P"]["waiting"] = [["s", None, "soon", 2, 1, 5], ["t", None, 1.0, 0, 0, 0]]
+    v = View(bad, DecisionTable(), 1)  # one bad row costs that row, not the round
+    assert list(v.instances) == ["P-a-1"] and [w.session for w in v.actors["P"].waiting] == ["t"]
+    assert v.malformed_rows == 2
 
 
 # -- weights(), and route() in its two meanings -----------------------------------------------------------

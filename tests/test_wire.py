@@ -283,3 +283,11 @@ def test_a_filled_body_decodes_like_one_encoded_whole() -> None:
     t = env.Template(env.encode_call("m", [{"$bytes": "aGk="}, Slot("$p")], {}, enc), enc.n_bytes)
     with pytest.raises(TypeError, match="reserved"):
         t.fill([(b'"$p"', b"raw")])
+
+
+@pytest.mark.parametrize("name,value", [(env.H_REQ, "r" * 129), (env.H_PARENT, "p" * 129), (env.H_FWD, "n" * 129),
+                                        (env.H_SESSION, "s" * 257), (env.H_TRACEPARENT, "t" * 129)])
+def test_call_headers_are_bounded_so_a_forward_always_fits(name: str, value: str) -> None:
+    with pytest.raises(E.MalformedMessage, match="over"):
+        env.CallMeta.from_headers({env.H_ID: "f-1", name: value})
+    env.CallMeta.from_headers({env.H_ID: "f-1", name: value[:-1]})  # at the bound: accepted

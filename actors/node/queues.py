@@ -203,9 +203,6 @@ class Scheduler:
             if not inst.draining and (inst.queued or g.shared):
                 self.pump(inst)
 
-    def has_work(self, inst: Instance) -> bool:
-        return bool(inst.queued or inst.group.shared)
-
     # -- decisions that reorder -----------------------------------------------------------------
     def reprioritise(self, sessions: set[str]) -> None:
         """Queued calls of these sessions take their new priority, keeping their arrival order.
