@@ -590,7 +590,8 @@ class Runtime:
         r = fut._retry
         if fut._state != PENDING or r is None or self.closed:
             return
-        data = env.encode_call(fut.method, r.args, r.kwargs or {}, _DepEncoder())  # it encoded once: it will again
+        # it was sent only once its future arguments had values, so they all encode as those values
+        data = env.encode_call(fut.method, r.args, r.kwargs or {}, _CallEncoder())
         if r.subject != self.subjects.call(fut.actor):  # routed: the route may have moved
             r.subject = self.route(fut.actor, r.headers.get(env.H_SESSION))
         self._send_call(fut, r.subject, data, r.headers, r.reply)
@@ -696,17 +697,6 @@ class Runtime:
 
     def count_malformed(self, where: str) -> None:
         self.malformed[where] = self.malformed.get(where, 0) + 1
-
-
-class _DepEncoder(env.Encoder):
-    """Also encodes futures, for a re-send (every future it holds has finished): a future becomes its value."""
-
-    __slots__ = ()
-
-    def __call__(self, obj: Any) -> Any:
-        if isinstance(obj, Future):
-            return obj._value if obj._state == DONE else None
-        return super().__call__(obj)
 
 
 class _CallEncoder(env.Encoder):

@@ -101,12 +101,17 @@ def unwrap_bytes(obj: Any, what: str) -> Any:
 def _tagged(body: dict[str, Any], enc: Encoder) -> bytes:
     """Encode a body; ``"b": n`` tells the decoder how many bytes values to restore."""
     data = dumps(body, enc)
-    if enc.n_bytes:
-        if data.count(_BYTES_MARK) != enc.n_bytes:
-            raise TypeError("a dict whose only key is '$bytes' cannot be sent together with bytes values "
-                            "(the key is reserved for them)")
-        data = data[:-1] + b',"b":' + str(enc.n_bytes).encode() + b"}"
-    return data
+    return _close(data[:-1], enc.n_bytes) if enc.n_bytes else data
+
+
+def _close(head: bytes, n_bytes: int) -> bytes:
+    """Close a body (``head`` is it without its final brace), tagged with its ``n_bytes`` bytes values."""
+    if not n_bytes:
+        return head + b"}"
+    if head.count(_BYTES_MARK) != n_bytes:
+        raise TypeError("a dict whose only key is '$bytes' cannot be sent together with bytes values "
+                        "(the key is reserved for them)")
+    return head + b',"b":%d}' % n_bytes
 
 
 def loads(data: bytes) -> Any:
@@ -166,12 +171,7 @@ class Template:
             if enc.n_bytes:
                 n += enc.n_bytes * data.count(mark)
             data = data.replace(mark, part)
-        if n:
-            if data.count(_BYTES_MARK) != n:
-                raise TypeError("a dict whose only key is '$bytes' cannot be sent together with bytes values "
-                                "(the key is reserved for them)")
-            return data + b',"b":%d}' % n
-        return data + b"}"
+        return _close(data, n)
 
 
 def encode_result(value: Any) -> bytes:
