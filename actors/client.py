@@ -86,23 +86,29 @@ class Client:
 
     # -- session state ------------------------------------------------------------------------------
     async def state_async(self, session: str, what: str = "show") -> dict[str, Any]:
-        """What the nodes hold for ``session``: ``show`` (latest objects) or ``log`` (versions)."""
+        """``session``'s state: ``show`` (latest objects) or ``log`` (versions), from its log.
+
+        One node hosting stateful actors answers, after catching its copy up with the log (so any
+        node's answer is the same); if it cannot, the next one is asked.
+        """
         if what not in ("show", "log"):
             raise ValueError("what is 'show' or 'log'")
-        units: dict[str, Any] = {}
-        where: dict[str, str] = {}
+        last: Exception | None = None
         for st in await gather_status(self.runtime, 2.0):
             if not st.get("state"):
                 continue
             node = str(st["node"])
-            got = await self.runtime.request(self.runtime.subjects.node(node), {"op": what, "session": session})
-            held = got.get("held", [])
-            for actor, value in got.get("units", {}).items():
-                # a copy on its way out (or left by a failed move) yields to the holder's
-                if actor in held or actor not in units:
-                    units[actor] = value
-                    where[actor] = node
-        return {"session": session, "units": units, "nodes": where}
+            try:
+                got = await self.runtime.request(self.runtime.subjects.node(node), {"op": what, "session": session},
+                                                 30.0)
+            except Exception as e:  # that node is gone or its log unreachable: ask another
+                last = e
+                continue
+            units = got.get("units", {})
+            return {"session": session, "units": units, "nodes": {a: node for a in units}}
+        if last is not None:
+            raise last
+        return {"session": session, "units": {}, "nodes": {}}
 
     def state_show(self, session: str) -> dict[str, Any]:
         return self._run(self.state_async(session, "show"))
@@ -111,9 +117,15 @@ class Client:
         return self._run(self.state_async(session, "log"))
 
     async def migrate_async(self, session: str, src: str, dst: str, timeout: float = 300.0) -> dict[str, Any]:
-        """Move every unit of ``session`` held by node ``src`` to node ``dst`` (placement follows once durable)."""
-        return await self.runtime.request(self.runtime.subjects.node(dst),  # type: ignore[no-any-return]
-                                          {"op": "pull", "session": session, "from": src}, timeout)
+        """Warm ``dst`` for ``session``: it catches every unit of the session up with the log.
+
+        Correctness never depends on where a session runs (any node serves any unit from the log);
+        this is for locality. ``src`` is kept for the answer and for older callers.
+        """
+        got = await self.runtime.request(self.runtime.subjects.node(dst), {"op": "pull", "session": session,
+                                                                           "from": src}, timeout)
+        got["from"] = src
+        return got  # type: ignore[no-any-return]
 
     def migrate(self, session: str, src: str, dst: str, timeout: float = 300.0) -> dict[str, Any]:
         return self._run(self.migrate_async(session, src, dst, timeout), timeout + 5)

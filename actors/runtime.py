@@ -66,6 +66,16 @@ def _session_id(session: Any) -> str | None:
     return session
 
 
+def check_key(key: Any) -> str:
+    """An idempotency key is the call's future id: one line of printable characters, at most
+    ``MAX_ID_LEN`` of them, without surrounding spaces (a header value); anything else is a ``ValueError``."""
+    if (not isinstance(key, str) or not key or len(key) > env.MAX_ID_LEN or not key.isprintable()
+            or key != key.strip()):
+        raise ValueError(f"a call's key is a non-empty line of at most {env.MAX_ID_LEN} printable characters "
+                         f"without surrounding spaces, not {key!r}")
+    return key
+
+
 def current_runtime() -> "Runtime":
     """The runtime that stubs without an explicit one use: the node's, the client's or local mode's."""
     if _default_runtime is None:
@@ -86,12 +96,16 @@ class _Retry:
     whatever its length, which at 100k pending calls would be most of the memory they use.
     """
 
-    __slots__ = ("policy", "attempt", "subject", "args", "kwargs", "headers", "reply", "node", "boot", "rk")
+    __slots__ = ("policy", "attempt", "subject", "args", "kwargs", "headers", "reply", "node", "boot", "rk",
+                 "first", "deadline", "unknown")
 
     def __init__(self, policy: RetryPolicy, subject: str, args: Any, kwargs: Any, headers: dict[str, str],
-                 reply: str) -> None:
+                 reply: str, deadline: float) -> None:
         self.policy = policy
         self.attempt = 0
+        self.first = 0.0  # monotonic time of the first send: ``give_up_after`` counts from there
+        self.deadline = deadline  # the call's (Unix time): no attempt starts after it
+        self.unknown = False  # an attempt went unanswered: it may have run, so giving up leaves the outcome unknown
         self.subject = subject
         self.args = args
         self.kwargs = kwargs
@@ -118,6 +132,9 @@ class Runtime:
         self.loop_thread = 0
         self.pending: dict[str, Future[Any]] = {}
         self._ids = itertools.count(1)
+        #: Calls whose caller chose the future id (``key``), while pending: key -> (future, reply token).
+        #: Their token is not the id's tail, as it is for the runtime's own ids (``<proc>-<token>``).
+        self._keyed: dict[str, tuple[Future[Any], str]] = {}
         #: Replies to ``request``/``scatter``, by token ("q<n>": never a call's token, which is hex).
         self._requests: dict[str, Callable[[bytes, dict[str, str] | None], None]] = {}
         self._qids = itertools.count(1)
@@ -131,6 +148,7 @@ class Runtime:
         self._wheel = DeadlineWheel(self._expire)
         self._attempts = DeadlineWheel(self._check_attempt)  # when to ask "is my call's executor alive?"
         self.node_seen: dict[str, tuple[float, str]] = {}  # node -> (monotonic time of its last heartbeat, boot id)
+        self.node_actors: dict[str, frozenset[str]] = {}  # node -> the actors its heartbeat says it serves
         self._subs: list[Any] = []
         self.default_timeout = default_timeout()
         self.counters: dict[str, int] = {"calls": 0, "late_replies": 0}
@@ -237,6 +255,18 @@ class Runtime:
         seen = self.node_seen.get(node)
         return seen is not None and time.monotonic() - seen[0] < LIVENESS_TIMEOUT
 
+    def serving(self, actor: str) -> list[str]:
+        """The live nodes whose heartbeats say they serve ``actor``, sorted."""
+        now = time.monotonic()
+        return sorted(n for n, actors in self.node_actors.items()
+                      if actor in actors and now - self.node_seen.get(n, (0.0, ""))[0] < LIVENESS_TIMEOUT)
+
+    def served_within(self, actor: str, seconds: float) -> bool:
+        """Did a node that serves ``actor`` send a heartbeat in the last ``seconds``?"""
+        now = time.monotonic()
+        return any(actor in actors and now - self.node_seen.get(n, (0.0, ""))[0] < seconds
+                   for n, actors in self.node_actors.items())
+
     # -- thread hand-off -------------------------------------------------------------------------
     def on_loop(self) -> bool:
         return threading.get_ident() == self.loop_thread
@@ -296,28 +326,71 @@ class Runtime:
     # -- making calls ----------------------------------------------------------------------------
     def call(self, actor: str, method: str, args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any],
              session: Any = _INHERIT, timeout: float | None = None, priority: int | None = None,
-             retry: RetryPolicy | None = None) -> Future[Any]:
-        """Create the future and send the call; returns at once. Non-JSON arguments raise ``TypeError``."""
+             retry: RetryPolicy | None = None, key: str | None = None) -> Future[Any]:
+        """Create the future and send the call; returns at once. Non-JSON arguments raise ``TypeError``.
+
+        ``key`` is the future id the executor sees, chosen by the caller so that a retry from another
+        process (after this one died, or gave up with the outcome unknown) is recognised as the same
+        call: answered from the running call or its committed reply instead of run again. A bad key,
+        or one a call of this runtime still pending has, is a ``ValueError``.
+        """
         if self.closed or self.transport.closed:
             raise BusError("this nalar runtime is closed (or lost its NATS connection for good)")
         token = f"{next(self._ids):x}"
-        fut: Future[Any] = Future(f"{self.proc}-{token}", actor, method, self)
-        scope = current_scope.get()
-        policy = DEFAULT_RETRY if retry is None else retry
-        traced = tracing.TRACER is not None
-        meta = self._meta(fut, scope, session, timeout, priority, policy.attempts > 1, traced)
-        if meta is None:  # failed at once
-            return fut
-        headers = meta.to_headers()
-        enc = _CallEncoder()
-        data = env.encode_call(method, args, kwargs, enc)
-        limit = self.transport.max_payload
-        if not env.fits(data, headers, limit):  # (the message is only built for the error)
-            env.check_size(data, headers, limit, f"the call {actor}.{method}")
+        if key is None:
+            fut: Future[Any] = Future(f"{self.proc}-{token}", actor, method, self)
+        else:
+            fut = self._keyed_future(check_key(key), token, actor, method)
+        try:
+            scope = current_scope.get()
+            policy = DEFAULT_RETRY if retry is None else retry
+            traced = tracing.TRACER is not None
+            meta = self._meta(fut, scope, session, timeout, priority, policy.retries, traced)
+            if meta is None:  # failed at once
+                return fut
+            headers = meta.to_headers()
+            enc = _CallEncoder()
+            data = env.encode_call(method, args, kwargs, enc)
+            limit = self.transport.max_payload
+            if not env.fits(data, headers, limit):  # (the message is only built for the error)
+                env.check_size(data, headers, limit, f"the call {actor}.{method}")
+        except BaseException:
+            if key is not None:
+                self._unkey(fut)
+            raise
         if traced:
             self._trace_call(fut, scope, headers)
         self._start(fut, token, meta, headers, data, enc, policy, args, kwargs)
         return fut
+
+    def _keyed_future(self, key: str, token: str, actor: str, method: str) -> Future[Any]:
+        """The future of a call with a caller-chosen id, registered so its reply token can be found."""
+        tail = self.pending.get(key.rpartition("-")[2])
+        if tail is not None and tail.id == key:  # a pending call of ours without a key has that id
+            raise ValueError(f"a call with key {key!r} is already pending in this process")
+        fut: Future[Any] = Future(key, actor, method, self)
+        if self._keyed.setdefault(key, (fut, token))[0] is not fut:
+            raise ValueError(f"a call with key {key!r} is already pending in this process")
+        fut.add_done_callback(self._unkey)
+        return fut
+
+    def _unkey(self, fut: Future[Any]) -> None:
+        got = self._keyed.get(fut.id)
+        if got is not None and got[0] is fut:
+            self._keyed.pop(fut.id, None)
+
+    def _token(self, fut: Future[Any]) -> str:
+        """The reply token ``fut`` is pending under: its id's tail, unless the caller chose the id."""
+        got = self._keyed.get(fut.id)
+        if got is not None and got[0] is fut:
+            return got[1]
+        return fut.id.rpartition("-")[2]
+
+    def _unpend(self, fut: Future[Any]) -> None:
+        """Take ``fut`` out of ``pending`` (only it: a finished keyed future's id tail may be another's token)."""
+        token = self._token(fut)
+        if self.pending.get(token) is fut:
+            self.pending.pop(token, None)
 
     def _start(self, fut: Future[Any], token: str, meta: env.CallMeta, headers: dict[str, str], data: bytes,
                enc: _CallEncoder, policy: RetryPolicy, args: Any, kwargs: Any) -> None:
@@ -329,8 +402,8 @@ class Runtime:
         if self.closed:  # closed while we were building it
             self._fail(fut, Cancelled("the runtime closed", actor=fut.actor, method=fut.method, future_id=fut.id))
             return
-        if policy.attempts > 1:
-            fut._retry = _Retry(policy, subject, args, kwargs or None, headers, reply)
+        if policy.retries:
+            fut._retry = _Retry(policy, subject, args, kwargs or None, headers, reply, meta.deadline)
         if enc.deps:
             self._after_deps(fut, enc.deps, enc.marks, env.Template(data, enc.n_bytes), subject, headers, reply,
                              meta.deadline)
@@ -391,6 +464,8 @@ class Runtime:
         """Publish (loop thread); a call that may be retried also gets its liveness check armed."""
         r = fut._retry
         if r is not None:
+            if not r.first:
+                r.first = time.monotonic()
             r.rk = self._attempts.add(time.time() + r.policy.attempt_timeout, fut)
         self.send(subject, data, headers, reply)
 
@@ -445,7 +520,7 @@ class Runtime:
 
     def _fail(self, fut: Future[Any], err: BaseException) -> bool:
         """Fail a future that never got a reply: out of ``pending`` and off the deadline wheel."""
-        self.pending.pop(fut.id.rpartition("-")[2], None)
+        self._unpend(fut)
         if fut._wk or fut._retry is not None:
             if self.on_loop():
                 self._disarm(fut)
@@ -498,12 +573,17 @@ class Runtime:
             if r is not None and r.subject != self.subjects.call(fut.actor):  # its routed node is gone
                 r.subject = self.subjects.call(fut.actor)
                 r.attempt -= 1  # not the executor's fault: this does not use up an attempt
-            if r is not None and self._retry_later(fut, token):
-                return  # none serves it right now (a node reconnecting or restarting?): look again shortly
+            # a node that served it lately may be restarting: look again for as long as the policy allows;
+            # an actor no node has served lately (a typo?) gets a few seconds, in case one is starting
+            known = r is not None and (self.served_within(fut.actor, r.policy.give_up_after)
+                                       or time.monotonic() - r.first < LIVENESS_TIMEOUT)
+            if r is not None and known and self._retry_later(fut, token):
+                return
+            looked = f" (looked for {time.monotonic() - r.first:.1f} s)" if r is not None and r.first else ""
+            why = f"no node serves actor {fut.actor!r} in namespace {self.subjects.ns!r}{looked}"
             self._disarm(fut)
-            fut._finish(FAILED, UnknownActor(
-                f"no node serves actor {fut.actor!r} in namespace {self.subjects.ns!r}",
-                actor=fut.actor, method=fut.method, future_id=fut.id))
+            fut._finish(FAILED, self._outcome_unknown(fut, why) if r is not None and r.unknown else UnknownActor(
+                why + "; the call did not run", actor=fut.actor, method=fut.method, future_id=fut.id))
             return
         try:
             ok, value = env.decode_reply(data)
@@ -519,6 +599,8 @@ class Runtime:
                                          (r.policy.retry_errors and value.kind == "error")):
             if self._retry_later(fut, token):
                 return
+            if r.unknown and value.kind == "unavailable":  # an earlier attempt, unanswered, may have run
+                value = self._outcome_unknown(fut, value.message)
         self._disarm(fut)
         fut._finish(DONE if ok else FAILED, value)
 
@@ -534,6 +616,11 @@ class Runtime:
             self.count_malformed("heartbeat")
             return
         self.node_seen[node] = (time.monotonic(), boot)
+        actors = body.get("actors")
+        if isinstance(actors, list) and len(actors) <= 4096:
+            known = self.node_actors.get(node)
+            if known is None or len(known) != len(actors) or not known.issuperset(actors):
+                self.node_actors[node] = frozenset(a for a in actors if isinstance(a, str))
 
     def _on_ack(self, data: bytes) -> None:
         try:
@@ -563,16 +650,29 @@ class Runtime:
         if seen is not None and seen[1] == r.boot and time.monotonic() - seen[0] < timeout:
             r.rk = self._attempts.add(time.time() + timeout, fut)  # a live node (same boot) holds it
             return
-        token = fut.id.rpartition("-")[2]
-        if not self._retry_later(fut, token):
-            self._fail(fut, Unavailable(f"no executor answered after {r.attempt + 1} attempts "
-                                                       f"of {timeout:g} s each", actor=fut.actor, method=fut.method,
-                                        future_id=fut.id))
+        r.unknown = True
+        attempts, took = r.attempt + 1, time.monotonic() - r.first
+        if not self._retry_later(fut, self._token(fut)):
+            self._fail(fut, self._outcome_unknown(
+                fut, f"no executor answered in {attempts} attempt{'s' if attempts > 1 else ''} over {took:.1f} s"))
+
+    @staticmethod
+    def _outcome_unknown(fut: Future[Any], why: str) -> Unavailable:
+        """Giving up on a call that may have run: say so, and name the key that learns its outcome."""
+        return Unavailable(f"{why}; the outcome is unknown (it may have run): call again with key={fut.id!r} "
+                           "to learn it", actor=fut.actor, method=fut.method, future_id=fut.id)
 
     def _retry_later(self, fut: Future[Any], token: str) -> bool:
-        """Schedule the next attempt (same future id) after the back-off; False if none is left."""
+        """Schedule the next attempt (same future id) after the back-off; False if none is left: the
+        attempts are spent, or it would start ``give_up_after`` seconds after the first or past the deadline."""
         r = fut._retry
-        if r is None or r.attempt + 1 >= r.policy.attempts or self.closed:
+        if r is None or self.closed:
+            return False
+        p = r.policy
+        if p.attempts is not None and r.attempt + 1 >= p.attempts:
+            return False
+        delay = p.delay(r.attempt + 1)
+        if time.monotonic() + delay - r.first > p.give_up_after or time.time() + delay >= r.deadline:
             return False
         r.attempt += 1
         r.node = None
@@ -583,7 +683,7 @@ class Runtime:
         self.pending[token] = fut
         self.counters["retries"] = self.counters.get("retries", 0) + 1
         assert self.loop is not None
-        self.loop.call_later(r.policy.delay(r.attempt), self._resend, fut)
+        self.loop.call_later(delay, self._resend, fut)
         return True
 
     def _resend(self, fut: Future[Any]) -> None:
@@ -599,7 +699,7 @@ class Runtime:
     def _expire(self, fut: Future[Any]) -> None:
         if fut._state != PENDING:
             return
-        self.pending.pop(fut.id.rpartition("-")[2], None)
+        self._unpend(fut)
         self._disarm(fut)
         fut._finish(FAILED, DeadlineExceeded("the call's deadline passed", actor=fut.actor,
                                              method=fut.method, future_id=fut.id))

@@ -11,11 +11,11 @@ from typing import Any
 from .base import actor_name, public_methods
 from .future import Future
 from .retry import RetryPolicy
-from .runtime import _INHERIT, Runtime, check_timeout, current_runtime
+from .runtime import _INHERIT, Runtime, check_key, check_timeout, current_runtime
 
 
 class Stub:
-    __slots__ = ("_actor", "_methods", "_runtime", "_session", "_timeout", "_priority", "_retry")
+    __slots__ = ("_actor", "_methods", "_runtime", "_session", "_timeout", "_priority", "_retry", "_key")
 
     def __init__(self, target: Any, runtime: Runtime | None = None, *, session: Any = _INHERIT,
                  timeout: float | None = None, priority: int | None = None,
@@ -27,17 +27,24 @@ class Stub:
         self._timeout = check_timeout(timeout) if timeout is not None else None
         self._priority = priority
         self._retry = retry
+        self._key: str | None = None
 
     def options(self, *, session: Any = _INHERIT, timeout: float | None = None,
-                priority: int | None = None, retry: RetryPolicy | None = None) -> "Stub":
+                priority: int | None = None, retry: RetryPolicy | None = None, key: str | None = None) -> "Stub":
         """A copy with call options: ``session`` id, ``timeout`` in seconds (the deadline), ``priority``,
-        ``retry`` (a ``nalar.RetryPolicy``; ``nalar.NO_RETRY`` to never re-send)."""
+        ``retry`` (a ``nalar.RetryPolicy``; ``nalar.NO_RETRY`` to never re-send), ``key``.
+
+        ``key`` is the call's future id, so a retry from a new process after a crash, or after an
+        ``Unavailable`` whose outcome is unknown, is the same call to the executor: answered once
+        (while it runs, and from its commit for a stateful actor) rather than applied again. Use a
+        fresh key per logical call (a uuid, or the ``future_id`` an error names)."""
         s = Stub.__new__(Stub)
         s._actor, s._methods, s._runtime = self._actor, self._methods, self._runtime
         s._session = self._session if session is _INHERIT else session
         s._timeout = self._timeout if timeout is None else check_timeout(timeout)
         s._priority = self._priority if priority is None else priority
         s._retry = self._retry if retry is None else retry
+        s._key = self._key if key is None else check_key(key)
         return s
 
     def __getattr__(self, name: str) -> "RemoteMethod":
@@ -61,7 +68,7 @@ class RemoteMethod:
     def __call__(self, *args: Any, **kwargs: Any) -> Future[Any]:
         s = self._stub
         rt = s._runtime or current_runtime()
-        return rt.call(s._actor, self._name, args, kwargs, s._session, s._timeout, s._priority, s._retry)
+        return rt.call(s._actor, self._name, args, kwargs, s._session, s._timeout, s._priority, s._retry, s._key)
 
 
 def stub(target: Any, *, session: Any = _INHERIT, timeout: float | None = None,

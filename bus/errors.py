@@ -159,7 +159,10 @@ class DependencyFailed(_Own):
 
 
 class Unavailable(_Own):
-    """No executor could take the call (all attempts went unanswered, or its state's holder is down)."""
+    """No executor could take the call (all attempts went unanswered, or its state's holder is down).
+
+    When an attempt went unanswered it may have run: the message says the outcome is unknown and
+    names the key (``future_id``) to call again with, ``stub.options(key=...)``, to learn it."""
 
     kind = "unavailable"
 

@@ -22,6 +22,18 @@ def _nats_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--namespace", default=None, help="deployment namespace (default: $NALAR_NAMESPACE or 'default')")
 
 
+def _replicas_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--replicas", type=int, default=None, choices=[1, 2, 3, 4, 5],
+                   help="JetStream replicas of the session-state stream and nalar's buckets (default: "
+                        "$NALAR_REPLICAS, else 3 on a cluster of 3 or more servers, 1 on a single server)")
+
+
+def _apply_replicas(a: argparse.Namespace) -> None:
+    """``--replicas`` wins over ``NALAR_REPLICAS``; everything this process creates in JetStream reads it."""
+    if getattr(a, "replicas", None) is not None:
+        os.environ["NALAR_REPLICAS"] = str(a.replicas)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nalar", description="Serve multi-step LLM agent applications.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -31,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--namespace", default=os.environ.get("NALAR_NAMESPACE", "default"))
     up.add_argument("--data-dir", default=None, help="JetStream data directory (default: a temporary one)")
     _policy_args(up)
+    _replicas_arg(up)
 
     node = sub.add_parser("node", help="serve actor classes against a NATS server")
     node.add_argument("actors", nargs="*", metavar="module:Class[=N]", help="actor classes and instance counts")
@@ -42,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="on SIGTERM, seconds running calls get to finish before they are cancelled (default: 10)")
     node.add_argument("--max-queue", type=int, default=None, metavar="N",
                       help="calls queued per actor before new ones fail with Overloaded (default: 100000)")
+    _replicas_arg(node)
     _nats_args(node)
 
     pol = sub.add_parser("policy", help="run the policy actor: gather metrics, run policies, broadcast decisions")
@@ -151,8 +165,11 @@ def _print_status(nodes: list[dict[str, Any]], policy: dict[str, Any] | None = N
               f"malformed {mal}{'  tracing' if n.get('tracing') else ''}")
         st = n.get("state")
         if st:
-            print(f"  state: {st['held']} session units held, {st['commit_ops']} commits in {st['commit_batches']} "
-                  f"batches, pulled {st['pulled']}, sent {st['exported']}, store {st['path']}")
+            where = (f"stream {st['stream']} x{st['replicas']} replicas" if st.get("stream")
+                     else "no JetStream: this node's LMDB is the only copy")
+            print(f"  state: {st['units']} session units current here, {st['appends']} commits appended "
+                  f"({st['conflicts']} lost a race and ran again), caught up {st['caught_up']} times; "
+                  f"log: {where}; store {st['path']}")
         ctl = n.get("control") or {}
         if ctl:
             errs = ctl.get("errors") or {}
@@ -255,6 +272,8 @@ def _node(a: argparse.Namespace) -> int:
         _err("nothing to serve: give module:Class[=N] arguments or --demo")
         return EXIT_USAGE
 
+    _apply_replicas(a)
+
     def ready(node: Any, url: str) -> None:
         served = ", ".join(f"{g.name} x{len(g.instances)}" for g in node.groups.values())
         print(f"nalar node {node.name} ready on {url} (namespace {node.rt.subjects.ns!r}): {served}", flush=True)
@@ -286,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
 
             from ..policy import load_policies
 
+            _apply_replicas(a)
             return run_up(_specs(a.actors, not a.actors), a.namespace, a.data_dir, load_policies(a.policies),
                           a.interval)
         if a.cmd == "policy":

@@ -1,7 +1,7 @@
-"""Group commit: one writer thread applies every waiting operation in one durable LMDB transaction.
+"""Group commit: one writer thread applies every waiting operation in one LMDB transaction.
 
-Callers hand over operations (a call's commit, a migration's import, a unit's removal) and get the
-outcome through a callback. Whatever queued up while the previous batch was syncing goes into the next
+Callers hand over operations (log entries to apply: a node's own commit once the log has it, or a
+catch-up; a unit's removal) and get the outcome through a callback. Whatever queued up while the previous batch was syncing goes into the next
 one, so under load many commits share one fsync and durability costs little throughput. Each
 operation runs in a nested transaction: one that fails (a conflict, garbage in the store) is rolled
 back alone and the rest of the batch still commits.
@@ -11,15 +11,15 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import lmdb
 import orjson
 
-from ..bus.errors import Conflict, StateError, StateFull
+from ..bus.errors import StateError, StateFull
 from . import keys as K
-from .store import Store, decode_future, decode_head
+from .record import SET, SNAPSHOT, Record, extend
+from .store import Store, decode_head, empty_head
 
 log = logging.getLogger("nalar.state")
 MAX_BATCH = 1024
@@ -34,58 +34,83 @@ class Op:
         raise NotImplementedError
 
 
-class Commit(Op):
-    """A call's effect on one unit: the objects it wrote, checked against the versions it saw.
+class Entry(NamedTuple):
+    """A complete record read from (or just appended to) the unit's log."""
 
-    ``seen`` maps every object the call read or wrote to the version it found (0: none). The commit
-    applies only if all of them are still at those versions (optimistic concurrency per object), and
-    only if ``future_id`` has not committed before (exactly-once effect under retries).
+    seq: int  # its last message's sequence
+    first: int  # its first message's sequence (a snapshot's is where catching up starts)
+    parts: int
+    record: Record
+
+
+class Apply(Op):
+    """Bring this node's copy of a unit forward by log entries, in order; ``upto`` is the last sequence seen.
+
+    An entry at or below the copy's sequence is already here (a catch-up and the node's own commit may
+    both carry it) and is skipped. ``reset`` starts the copy over (catching up from a snapshot after a
+    gap). The outcome is ``("ok", version, sequence)``.
     """
 
-    __slots__ = ("unit", "future_id", "method", "attempt", "seen", "writes", "reply", "done")
+    __slots__ = ("unit", "entries", "upto", "reset", "done")
 
-    def __init__(self, unit: bytes, future_id: str, method: str, attempt: int, seen: dict[str, int],
-                 writes: dict[str, bytes], reply: bytes, done: Callable[[Any], None]) -> None:
+    def __init__(self, unit: bytes, entries: list[Entry], upto: int, reset: bool,
+                 done: Callable[[Any], None]) -> None:
         self.unit = unit
-        self.future_id = future_id
-        self.method = method
-        self.attempt = attempt
-        self.seen = seen
-        self.writes = writes
-        self.reply = reply
+        self.entries = entries
+        self.upto = upto
+        self.reset = reset
         self.done = done
 
     def apply(self, store: Store, txn: Any) -> Any:
         u = self.unit
-        fkey = K.future(self.future_id)
-        prior = txn.get(fkey)
-        if prior is not None:  # this future already committed (a retry): its effect is not applied again
-            return ("duplicate", *decode_future(prior))
-        h = decode_head(txn.get(K.head(u)), u) or {"v": 0, "o": {}}
+        h = None if self.reset else decode_head(txn.get(K.head(u)), u)
+        if h is None:
+            if self.reset:
+                _drop(txn, u)
+            h = empty_head()
         objs = h["o"]
-        for name, ver in self.seen.items():
-            if objs.get(name, 0) != ver:
-                return ("conflict", Conflict(f"object {name!r} changed to version {objs.get(name, 0)} "
-                                             f"after this call read version {ver}"))
-        v = h["v"] + 1
-        superseded = []
-        for name, data in self.writes.items():
-            prev = objs.get(name)
-            txn.put(K.obj(u, name, v), data)
-            if prev:
-                superseded.append([name, prev])
-            objs[name] = v
-        h["v"] = v
+        for e in self.entries:
+            if e.seq <= h["s"]:
+                continue
+            r = e.record
+            if r.kind == SNAPSHOT:
+                for name in list(objs):
+                    txn.delete(K.obj(u, name))
+                objs.clear()
+                h["z"] = 0
+                h["b"], h["c"], h["d"] = e.first, 0, 0
+                for fid, ver, reply in r.futures:
+                    fk = K.future(fid)
+                    if txn.get(fk) is None:
+                        txn.put(fk, orjson.dumps({"u": K.split_unit(u), "v": ver}) + b"\n" + reply)
+            elif r.version != h["v"] + 1:
+                raise StateError(f"the log of {K.split_unit(u)} jumps from version {h['v']} to {r.version}")
+            else:
+                h["c"] += e.parts
+                h["d"] += sum(len(c.data) for c in r.writes)
+            for c in r.writes:
+                K.check_object_name(c.name)
+                key = K.obj(u, c.name)
+                old = txn.get(key)
+                data = c.data if c.op == SET else extend(old if old is not None else b"[]", c.data)
+                txn.put(key, data)
+                h["z"] += len(data) - (len(old) if old is not None else 0)
+                objs[c.name] = r.version
+            h["v"] = r.version
+            h["s"] = e.seq
+            txn.put(K.log(u, r.version), orjson.dumps({"f": r.future, "m": r.method, "t": r.at,
+                                                       "w": [c.name for c in r.writes], "a": max(0, r.attempt),
+                                                       "n": r.node, "s": e.seq, "k": r.kind}))
+            txn.put(K.future(r.future), orjson.dumps({"u": K.split_unit(u), "v": r.version}) + b"\n" + r.reply)
+            _compact(store, txn, u, r.version)
+        if self.upto > h["s"]:  # the start of a record still being appended, or one that never finished
+            h["s"] = self.upto
         txn.put(K.head(u), orjson.dumps(h))
-        txn.put(K.log(u, v), orjson.dumps({"f": self.future_id, "m": self.method, "t": round(time.time(), 6),
-                                           "w": sorted(self.writes), "s": superseded, "a": max(0, self.attempt)}))
-        txn.put(fkey, orjson.dumps({"u": K.split_unit(u), "v": v}) + b"\n" + self.reply)
-        _compact(store, txn, u, v)
-        return ("ok", v)
+        return ("ok", h["v"], h["s"])
 
 
 def _compact(store: Store, txn: Any, u: bytes, v: int) -> None:
-    """Forget the version that just left the history window: its log, its future, what it superseded."""
+    """Forget the version that just left the history window: its log entry and its future id."""
     old = v - store.history
     if old < 1:
         return
@@ -94,33 +119,16 @@ def _compact(store: Store, txn: Any, u: bytes, v: int) -> None:
     if entry is None:
         return
     try:
-        e = orjson.loads(entry)
-        for name, prev in e.get("s", []):
-            txn.delete(K.obj(u, name, int(prev)))
-        if isinstance(e.get("f"), str):
-            txn.delete(K.future(e["f"]))
-    except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError):
+        fid = orjson.loads(entry).get("f")
+        if isinstance(fid, str):
+            txn.delete(K.future(fid))
+    except (orjson.JSONDecodeError, AttributeError):
         log.warning("skipping compaction of a garbled log record of %s", K.split_unit(u))
     txn.delete(lkey)
 
 
-class Put(Op):
-    """Write records as they are (a migrated unit arriving), replacing what the unit had here."""
-
-    def __init__(self, unit: bytes, records: list[tuple[bytes, bytes]], done: Callable[[Any], None]) -> None:
-        self.unit = unit
-        self.records = records
-        self.done = done
-
-    def apply(self, store: Store, txn: Any) -> Any:
-        _drop(txn, self.unit)
-        for k, v in self.records:
-            txn.put(k, v)
-        return ("ok", len(self.records))
-
-
 class Drop(Op):
-    """Remove a unit (after it moved away)."""
+    """Remove this node's copy of a unit (the log still has it)."""
 
     def __init__(self, unit: bytes, done: Callable[[Any], None]) -> None:
         self.unit = unit

@@ -1,15 +1,22 @@
-"""How session state is laid out in LMDB (one environment per node, one B-tree, prefixed keys).
+"""How a node's copy of session state is laid out in LMDB (one environment, one B-tree, prefixed keys).
+
+The copy is materialised from the units' logs (``log``): the latest value of each object, a window of
+recent versions, and the future-id index that answers a retried call without running it again.
 
 A *unit* is one (session, actor): its managed objects, its versions and its log travel together.
 
 ==============================================  ==============================================
 key                                             value
 ==============================================  ==============================================
-``h`` unit                                      head: ``{"v": version, "o": {name: version}}``
-``o`` unit ``\\0`` name ``\\0`` version(8 B)      one object's value at that version (orjson)
-``l`` unit ``\\0`` version(8 B)                   log: future id, method, time, names written,
-                                                the versions they superseded
+``h`` unit                                      head: ``{"v": version, "s": log sequence applied,
+                                                "b": latest snapshot's sequence, "c"/"d": messages and
+                                                bytes since it, "z": bytes of the objects,
+                                                "o": {name: version last written}}``
+``o`` unit ``\\0`` name                           one object's latest value (orjson)
+``l`` unit ``\\0`` version(8 B)                   log window: future id, method, time, names written,
+                                                node, log sequence
 ``f`` future id                                 ``{"u": unit, "v": version}`` newline reply body
+``!layout``                                     the layout's version (``LAYOUT``)
 ==============================================  ==============================================
 
 ``unit`` is ``session \\0 actor``. Versions are big-endian so a prefix scan walks them in order.
@@ -53,8 +60,12 @@ def head(u: bytes) -> bytes:
     return b"h" + u
 
 
-def obj(u: bytes, name: str, version: int) -> bytes:
-    return b"o" + u + SEP + name.encode() + SEP + _V.pack(version)
+LAYOUT = b"2"
+LAYOUT_KEY = b"!layout"
+
+
+def obj(u: bytes, name: str) -> bytes:
+    return b"o" + u + SEP + name.encode()
 
 
 def obj_prefix(u: bytes) -> bytes:

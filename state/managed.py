@@ -3,7 +3,7 @@
 Inside a call of a ``stateful`` actor made with a session, ``nalar.managed_list("notes")`` returns the
 unit's latest ``notes`` as a real ``list`` (a subclass). Change it any way you like, nested values
 included; when the call returns, what changed is found by comparing each object's JSON with what was
-loaded, and committed as the unit's next version. If the call raises, nothing is committed. Values
+loaded, and committed as the unit's next version (an append to a list records only the new items). If the call raises, nothing is committed. Values
 must be JSON (orjson): anything else fails the call with a ``TypeError``.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ import orjson
 
 from ..bus.errors import NalarError
 from . import keys as K
-from .store import Store
+from .record import EXTEND, SET, Change, appended
+from .store import Store, empty_head
 
 _OPTS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
 
@@ -58,14 +59,18 @@ def encode(obj: Any) -> bytes:
 
 
 class Txn:
-    """One call's view of its unit: objects load on first use; ``changes()`` finds what to commit."""
+    """One call's view of its unit: objects load on first use; ``changes()`` finds what to commit.
 
-    __slots__ = ("store", "unit", "seen", "loaded")
+    ``base`` is the unit's head when the call began: its commit is appended to the log only if the log
+    is still at that head's sequence (else another node committed first and the call runs again).
+    """
+
+    __slots__ = ("store", "unit", "base", "loaded")
 
     def __init__(self, store: Store, unit: bytes) -> None:
         self.store = store
         self.unit = unit
-        self.seen: dict[str, int] = {}
+        self.base = store.head(unit) or empty_head()
         self.loaded: dict[str, tuple[Any, bytes]] = {}
 
     def get(self, name: str, kind: type, make: Callable[[Any], Any], default: Any) -> Any:
@@ -75,8 +80,7 @@ class Txn:
             if not isinstance(hit[0], kind):
                 raise TypeError(f"managed object {name!r} is a {type(hit[0]).__name__} in this call, not a {kind.__name__}")
             return hit[0]
-        data, ver = self.store.load(self.unit, name)
-        self.seen[name] = ver
+        data, _ = self.store.load(self.unit, name)
         value = orjson.loads(data) if data is not None else default
         try:
             obj = make(value)
@@ -87,17 +91,16 @@ class Txn:
         self.loaded[name] = (obj, data if data is not None else encode(obj))
         return obj
 
-    def changes(self) -> dict[str, bytes]:
-        out = {}
+    def changes(self) -> list[tuple[Change, bytes]]:
+        """What changed, each as the smallest change that says it (items appended to a list stay just
+        those items) beside the object's new value in full."""
+        out = []
         for name, (obj, original) in self.loaded.items():
             data = encode(obj)
             if data != original:
-                out[name] = data
+                items = appended(original, data) if isinstance(obj, list) else None
+                out.append((Change(name, EXTEND, items) if items is not None else Change(name, SET, data), data))
         return out
-
-    def reset(self) -> None:
-        self.seen.clear()
-        self.loaded.clear()
 
 
 #: The executing call's transaction (set by the node for stateful actors called with a session).

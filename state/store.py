@@ -1,4 +1,6 @@
-"""The per-node LMDB store: reads from any thread, writes only through the group committer.
+"""The per-node LMDB store: this host's copy of session state, materialised from the log.
+
+Reads come from any thread and never wait on the network; writes go only through the group committer.
 
 The map starts small and doubles when full, up to ``max_map_size`` (``NALAR_STATE_MAX_MAP``, default
 64 GiB); past that a write fails with ``StateFull`` and nothing is half-written, because every
@@ -21,8 +23,8 @@ from . import keys as K
 T = TypeVar("T")
 DEFAULT_MAP_SIZE = 64 * 1024 * 1024
 DEFAULT_MAX_MAP_SIZE = 64 * 1024 ** 3
-#: Versions of a unit kept for inspection and for recognising retried futures; older ones are compacted
-#: (``NALAR_STATE_HISTORY``).
+#: Versions of a unit whose log entry and future id are kept for inspection and for recognising retried
+#: futures (``NALAR_STATE_HISTORY``); a snapshot carries them to a node that catches up from it.
 DEFAULT_HISTORY = 1000
 
 
@@ -75,9 +77,14 @@ def decode_head(data: bytes | None, u: bytes) -> dict[str, Any] | None:
     if data is None:
         return None
     h = _json(data, "a head record")
-    if not (isinstance(h, dict) and isinstance(h.get("v"), int) and isinstance(h.get("o"), dict)):
+    if not (isinstance(h, dict) and isinstance(h.get("v"), int) and isinstance(h.get("o"), dict)
+            and isinstance(h.get("s"), int)):
         raise StateError(f"corrupt head record for {K.split_unit(u)}")
     return h
+
+
+def empty_head() -> dict[str, Any]:
+    return {"v": 0, "s": 0, "b": 0, "c": 0, "d": 0, "z": 0, "o": {}}
 
 
 def decode_future(data: bytes) -> tuple[dict[str, Any], bytes]:
@@ -104,6 +111,20 @@ class Store:
         except lmdb.Error as e:
             raise StateError(f"cannot open the state store at {path}: {e}") from None
         self._lock = _RWLock()
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        """A store written by an older layout is set aside, never misread: the log is the truth now."""
+        with self.env.begin(write=True) as txn:
+            got = txn.get(K.LAYOUT_KEY)
+            if got == K.LAYOUT:
+                return
+            if got is None and txn.stat()["entries"] == 0:
+                txn.put(K.LAYOUT_KEY, K.LAYOUT)
+                return
+        raise StateError(f"the state store at {os.path.basename(self.path)!r} was written by an older nalar "
+                         f"(layout {got!r}, this one reads {K.LAYOUT!r}); move it aside: this node catches its "
+                         "sessions up from the log")
 
     def close(self) -> None:
         with self._lock.exclusive():
@@ -118,22 +139,56 @@ class Store:
         return decode_head(self.read(lambda t: t.get(K.head(u))), u)
 
     def load(self, u: bytes, name: str) -> tuple[bytes | None, int]:
-        """The latest value of one object (raw JSON) and its version; ``(None, 0)`` if it has none."""
+        """The latest value of one object (raw JSON) and the version that wrote it; ``(None, 0)`` if none."""
         def get(txn: Any) -> tuple[bytes | None, int]:
             h = decode_head(txn.get(K.head(u)), u)
             ver = int(h["o"].get(name, 0)) if h else 0
             if not ver:
                 return None, 0
-            data = txn.get(K.obj(u, name, ver))
+            data = txn.get(K.obj(u, name))
             if data is None:
-                raise StateError(f"object {name!r} of {K.split_unit(u)} is missing version {ver}")
+                raise StateError(f"object {name!r} of {K.split_unit(u)} is missing")
             return data, ver
+        return self.read(get)
+
+    def objects(self, u: bytes) -> dict[str, bytes]:
+        """Every object of a unit, raw (a snapshot record is built from them)."""
+        def get(txn: Any) -> dict[str, bytes]:
+            h = decode_head(txn.get(K.head(u)), u)
+            out: dict[str, bytes] = {}
+            for name in (h["o"] if h else ()):
+                data = txn.get(K.obj(u, name))
+                if data is not None:
+                    out[name] = data
+            return out
         return self.read(get)
 
     def find_future(self, fid: str) -> tuple[dict[str, Any], bytes] | None:
         """The committed record of a future (its version and stored reply body), if it committed."""
         data = self.read(lambda t: t.get(K.future(fid)))
         return decode_future(data) if data is not None else None
+
+    def recent_futures(self, u: bytes, limit: int) -> list[tuple[str, int, bytes]]:
+        """(future id, version, reply) of the unit's last ``limit`` versions known here, oldest first."""
+        def scan(txn: Any) -> list[tuple[str, int, bytes]]:
+            fids: list[str] = []
+            pre = K.log_prefix(u)
+            cur = txn.cursor()
+            if cur.set_range(pre):
+                for k, v in cur:
+                    if not k.startswith(pre):
+                        break
+                    e = _json(v, "a log record")
+                    if isinstance(e, dict) and isinstance(e.get("f"), str):
+                        fids.append(e["f"])
+            out: list[tuple[str, int, bytes]] = []
+            for fid in fids[-limit:]:
+                f = txn.get(K.future(fid))
+                if f is not None:
+                    m, body = decode_future(f)
+                    out.append((fid, int(m["v"]), bytes(body)))
+            return out
+        return self.read(scan)
 
     def log(self, u: bytes) -> list[dict[str, Any]]:
         def scan(txn: Any) -> list[dict[str, Any]]:
@@ -176,40 +231,17 @@ class Store:
             if h is None:
                 return {"version": 0, "objects": {}}
             objs: dict[str, Any] = {}
-            for name, ver in sorted(h["o"].items()):
-                data = txn.get(K.obj(u, name, int(ver)))
+            for name in sorted(h["o"]):
+                data = txn.get(K.obj(u, name))
                 if data is None:
                     objs[name] = None
                 elif len(data) > max_bytes:
                     objs[name] = {"$large": len(data), "start": data[:200].decode(errors="replace")}
                 else:
                     objs[name] = _json(data, f"object {name!r}")
-            return {"version": h["v"], "versions": {n: int(v) for n, v in h["o"].items()}, "objects": objs}
+            return {"version": h["v"], "versions": {n: int(v) for n, v in h["o"].items()}, "objects": objs,
+                    "seq": h["s"]}
         return self.read(get)
-
-    def records(self, u: bytes) -> list[tuple[bytes, bytes]]:
-        """Every record of a unit (head, object versions, log, its futures), for migration."""
-        def scan(txn: Any) -> list[tuple[bytes, bytes]]:
-            out: list[tuple[bytes, bytes]] = []
-            head = txn.get(K.head(u))
-            if head is None:
-                return out
-            out.append((K.head(u), head))
-            for pre in (K.obj_prefix(u), K.log_prefix(u)):
-                cur = txn.cursor()
-                if cur.set_range(pre):
-                    for k, v in cur:
-                        if not k.startswith(pre):
-                            break
-                        out.append((bytes(k), bytes(v)))
-                        if k[:1] == b"l":
-                            fid = _json(v, "a log record").get("f")
-                            if isinstance(fid, str):
-                                f = txn.get(K.future(fid))
-                                if f is not None:
-                                    out.append((K.future(fid), f))
-            return out
-        return self.read(scan)
 
     # -- the write path (the committer's thread only) -------------------------------------------
     def write(self, fn: Callable[[Any], T]) -> T:
@@ -226,8 +258,8 @@ class Store:
         if size >= self.max_map_size:
             from ..bus.errors import StateFull
 
-            raise StateFull(f"the state store at {self.path} is full ({size} bytes, the maximum: "
-                            "raise NALAR_STATE_MAX_MAP or free disk)")
+            raise StateFull(f"this node's state store is full ({size} bytes, the maximum: raise "
+                            "NALAR_STATE_MAX_MAP or free disk)")
         with self._lock.exclusive():
             self.env.set_mapsize(min(size * 2, self.max_map_size))
 

@@ -442,3 +442,17 @@ class Budgeted(nalar.Tool):
 
     async def most(self) -> int:
         return self.peak
+
+
+@nalar.hints(stateful=True)
+class Ledger(nalar.Agent):
+    """An append-only list of tokens per session, for the state drills (tests/test_state_drills.py):
+    every acknowledged ``append`` must leave its token in the list exactly once, at the position it returned."""
+
+    def append(self, token: str) -> int:
+        tokens = nalar.managed_list("tokens")
+        tokens.append(token)
+        return len(tokens)
+
+    def tokens(self) -> list[str]:
+        return list(nalar.managed_list("tokens"))

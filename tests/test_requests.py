@@ -246,7 +246,7 @@ def test_concurrent_requests_interleave(mode, url, namespace):
 
 def test_jetstream_capability(nats_url, namespace):
     from nalar.bus import kv as bkv
-    from nalar.state.placement import KVPlacement
+    from nalar.state.log import JetStreamLog
 
     assert LocalTransport().jetstream() is None
 
@@ -255,12 +255,12 @@ def test_jetstream_capability(nats_url, namespace):
         try:
             js = t.jetstream()
             assert js is not None and t.jetstream() is js
-            p = await KVPlacement.open(js, namespace)
-            assert await p.get(b"u1") is None
-            assert await p.claim(b"u1", "n1") == "n1" and await p.claim(b"u1", "n2") == "n1"
-            held = await p.get(b"u1")
-            assert held is not None and held[0] == "n1"
-            assert await bkv.open_bucket(js, bkv.placement_bucket(namespace), "placement", create=False) is not None
+            log = await JetStreamLog.open(js, t.nc, namespace)
+            assert log.replicas == 1  # a single server: what it can give
+            assert (await JetStreamLog.open(js, t.nc, namespace)).stream == log.stream  # opened, not re-created
+            assert await log.last(b"s\x00A") is None
+            assert await bkv.open_bucket(js, bkv.policy_bucket(namespace), "policy", create=False) is None
+            assert await bkv.open_bucket(js, bkv.policy_bucket(namespace), "policy") is not None
         finally:
             await t.close()
 

@@ -51,10 +51,15 @@ class StateBench(nalar.Agent):
     async def get(self) -> int:
         return nalar.managed_value("n", 0).value  # type: ignore[no-any-return]
 
-    async def put(self, size: int) -> int:
+    async def put(self, size: int, fill: str = "x") -> int:
         d = nalar.managed_dict("blob")
-        d["data"] = "x" * size
+        d["data"] = (fill or "x")[0] * size
         return size
+
+    async def append(self, item: str) -> int:
+        items = nalar.managed_list("items")
+        items.append(item)
+        return len(items)
 
     async def size(self) -> int:
         return len(nalar.managed_dict("blob").get("data", ""))

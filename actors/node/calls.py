@@ -19,6 +19,7 @@ import pykka
 from ...bus.envelope import CallMessage
 from ...bus.errors import RemoteError
 from ...state.managed import Txn
+from ...state.record import Change
 from ..base import Actor, Budgeted, actor_name, public_methods
 from ..context import CallScope
 from ..hints import Hints
@@ -179,15 +180,17 @@ class Answer(Protocol):
 
 
 class StateGate(Protocol):
-    """Session admission: a stateful call runs only with its unit here and its turn come, and its
-    effects commit before its caller hears back. The next issue replaces the insides, not this."""
+    """Session admission: a stateful call runs only on a current copy of its unit and in its turn, and
+    its effects are in the unit's log before its caller hears back."""
 
     def admit(self, c: Call) -> None: ...
 
     def begin(self, c: Call) -> Txn: ...
 
-    def commit(self, c: Call, writes: dict[str, bytes], body: bytes,
+    def commit(self, c: Call, changes: list[tuple[Change, bytes]], body: bytes,
                done: Callable[[Call, Any, bytes], None]) -> None: ...
+
+    def verify(self, c: Call, body: bytes, done: Callable[[Call, Any, bytes], None]) -> None: ...
 
     def release(self, c: Call) -> None: ...
 

@@ -1,8 +1,8 @@
 """Enforcement: how a node carries out the policy actor's decisions, and forwards what is not its own.
 
 Every node applies each decision batch itself, event-driven, with no round trip: new priorities
-reorder its queues; a ``migrate`` hands the session's queued calls to the destination's node (whose
-node pulls the session's state first); ``scale`` starts or drains instances within the hints' bounds;
+reorder its queues; a ``migrate`` hands the session's queued calls to the destination's node (which
+catches the session's state up from its log first); ``scale`` starts or drains instances within the hints' bounds;
 weights and session routes are read when each call is bound. A call that arrives at a node the
 decisions in force do not send it to (a caller with older decisions) is forwarded, once, with its
 original bytes.
@@ -10,7 +10,9 @@ original bytes.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
 from typing import Any, Awaitable, Callable
 
 from ...bus import envelope as env
@@ -40,6 +42,7 @@ class Enforcer:
         self._serve = serve
         self._unserve = unserve
         self.counts = {"batches": 0, "migrated": 0, "provisioned": 0, "metrics_sent": 0}
+        self.homes = os.environ.get("NALAR_SESSION_HOMES", "on").strip().lower() not in ("off", "0", "false", "no")
         self.errors: dict[str, str] = {}
 
     # -- where a call belongs ---------------------------------------------------------------------
@@ -63,6 +66,23 @@ class Enforcer:
                 if node is not None and node != self.book.name and self.rt.alive(node):
                     return node
         return None
+
+    def home(self, actor: str, session: str) -> str | None:
+        """The node a stateful session's calls go to when no decision routes them: locality, not safety.
+
+        Rendezvous hashing over the live nodes serving ``actor`` (from their heartbeats), so every node
+        picks the same one and a node that joins or leaves moves only its share of sessions. Any node
+        could serve the session correctly (its state is in the log); sending its calls to one keeps
+        that node's copy current, so its calls rarely run twice. ``NALAR_SESSION_HOMES=off`` turns it
+        off (calls then run wherever the queue group delivers them).
+        """
+        if not self.homes:
+            return None
+        nodes = self.rt.serving(actor)
+        if len(nodes) < 2:
+            return None
+        key = session.encode()
+        return max(nodes, key=lambda n: hashlib.blake2b(key + b"\0" + n.encode(), digest_size=8).digest())
 
     def forward(self, c: Call, node: str | None) -> bool:
         """Send ``c`` on to ``node`` (``None``: any node serving its actor), its bytes unchanged.
@@ -92,16 +112,6 @@ class Enforcer:
             return False
         self.executor.forget(c, node or "*")
         return True
-
-    def readmit(self, c: Call) -> None:
-        """A call parked while its session's state moved: follow the session's route, or run here."""
-        dest = None
-        if self.table.active:
-            dest = self.elsewhere(c.group, c, True, self.table.instance_for(c.group.name, c.meta.session))
-        if dest is not None and self.hand_over(c, dest):
-            return
-        assert self.state is not None
-        self.state.admit(c)
 
     # -- applying decisions ----------------------------------------------------------------------
     def on_decisions(self, ops: list[Op], reply: str) -> None:
@@ -182,12 +192,12 @@ class Enforcer:
         self.counts["migrated"] += moved
 
     async def _prefetch(self, unit: bytes, src: str) -> None:
-        """Pull a migrating session's state before its calls arrive (they wait for it if not)."""
+        """Catch a migrating session's state up before its calls arrive (they would wait for it if not)."""
         assert self.state is not None
         try:
-            await self.state.bring_here(unit, expect_src=src)
-        except Exception as e:  # not placed there (a new session), or already moved: its calls decide
-            log.debug("prefetch of %s from %s: %r", state_keys.split_unit(unit), src, e)
+            await self.state.bring_here(unit)
+        except Exception as e:  # the log is unreachable for now: its first call catches up instead
+            log.debug("prefetch of %s (from %s): %r", state_keys.split_unit(unit), src, e)
 
     # -- provision and kill ----------------------------------------------------------------------
     def reconcile(self, actor: str) -> None:

@@ -3,11 +3,13 @@
 An ``async def`` method runs as a task on the node's loop; a ``def`` method on its instance's pykka
 thread, handing its outcome back to the loop. A method that returns a future resolves its call with
 that future's value. A call that changed session state commits through the ``StateGate`` before its
-caller hears back; a commit that lost a race re-runs the call from its new base version.
+caller hears back, and one that read it is checked against the log; a call that lost a race to
+another node re-runs from the new version.
 """
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from functools import partial
 from typing import Any
@@ -24,8 +26,8 @@ from . import spans
 from .calls import Book, Call, Instance, Queue, StateGate
 from .hosting import Hosting
 
-#: Times a call whose commit lost a race on its session's objects is re-run before it fails.
-MAX_CONFLICT_RETRIES = 8
+#: Times a call whose commit lost a race to another node's is re-run before it fails with ``Conflict``.
+MAX_CONFLICT_RETRIES = 64
 
 
 class Executor:
@@ -151,6 +153,11 @@ class Executor:
                     c.committing = True
                     self.state.commit(c, writes, data, self.committed)
                     return
+                if c.txn is not None and c.txn.loaded:  # it read state: was its copy current?
+                    assert self.state is not None
+                    c.committing = True
+                    self.state.verify(c, data, self.committed)
+                    return
         if not ok:
             if value is None:
                 value = Cancelled("cancelled", actor=c.group.name, method=c.method, future_id=c.id).to_wire()
@@ -169,8 +176,10 @@ class Executor:
             c.conflicts += 1
             c.txn = None
             c.inst = None
-            assert self.queue is not None
-            self.queue.enqueue(c)  # from its new base version
+            # from its new base version, after a random pause that grows: two nodes racing on one
+            # session then stop colliding
+            delay = random.uniform(0, min(0.05, 0.001 * 2 ** c.conflicts))
+            asyncio.get_running_loop().call_later(delay, self._rerun, c)
         else:
             err = outcome[1]
             if not isinstance(err, RemoteError):
@@ -178,6 +187,11 @@ class Executor:
             err.actor, err.method, err.future_id = c.group.name, c.method, c.id
             wire = err.to_wire()
             self.respond(c, False, env.encode_error(wire), wire)
+
+    def _rerun(self, c: Call) -> None:
+        if not c.done:
+            assert self.queue is not None
+            self.queue.enqueue(c)
 
     # -- answering ----------------------------------------------------------------------------------
     def fail(self, c: Call, err: type[RemoteError], message: str) -> None:

@@ -77,6 +77,10 @@ class Intake:
             dest = self.enforcer.elsewhere(g, c, direct, bound)
             if dest is not None and self.enforcer.forward(c, dest):
                 return
+        if m.session is not None and g.hints.stateful and not direct and m.fwd is None and (bound is None or bound[0] is None):
+            home = self.enforcer.home(g.name, m.session)  # where the session's state is warm
+            if home is not None and home != book.name and self.enforcer.forward(c, home):
+                return
         now = time.time()
         if not m.deadline:  # nothing waits forever: a call without a deadline gets the default
             m.deadline = now + self.rt.default_timeout

@@ -44,11 +44,13 @@ class Node:
     """Hosts instances of the given actor classes and serves them over the runtime's bus."""
 
     def __init__(self, runtime: Runtime, actors: list[tuple[type, int | None]], name: str | None = None,
-                 max_queue: int = DEFAULT_MAX_QUEUE, state_dir: str | None = None) -> None:
+                 max_queue: int = DEFAULT_MAX_QUEUE, state_dir: str | None = None,
+                 replicas: int | None = None) -> None:
         self.rt = runtime
         self.name = check_token(name or default_node_name(), "node name")
         runtime.table.here = self.name  # sticky round-robin binds among this node's own instances
         self.state_dir = state_dir
+        self.replicas = replicas  # the state stream's replica count (None: NALAR_REPLICAS, else what fits)
         self.book = book = Book(self.name, secrets.token_hex(6))
         self.executor = Executor(book, runtime)
         self.scheduler = Scheduler(book, runtime.table, self.executor.dispatch)
@@ -119,11 +121,8 @@ class Node:
         from ...bus.discovery import home
 
         path = self.state_dir or str(home() / "state" / self.name)
-        if self.name == default_node_name():
-            log.warning("node %s hosts stateful actors under a name that changes on restart; give it a "
-                        "stable --name so it finds its sessions again", self.name)
-        s = await Sessions.open(self.name, self.rt, os.path.abspath(path), self.scheduler, self.executor)
-        s.readmit = self.enforcer.readmit
+        s = await Sessions.open(self.name, self.rt, os.path.abspath(path), self.scheduler, self.executor,
+                                self.replicas)
         self.sessions = s
         self.executor.state = self.enforcer.state = self.intake.state = s
         self.reporter.sessions = s
@@ -149,7 +148,7 @@ class Node:
     async def _tick(self) -> None:
         """Heartbeat every second; acknowledge calls held for a second to callers that may retry."""
         hb_subject = self.rt.subjects.heartbeat(self.name)
-        hb = env.dumps({"node": self.name, "boot": self.book.boot})
+        hb = env.dumps({"node": self.name, "boot": self.book.boot, "actors": sorted(self.groups)})
         next_hb = 0.0
         while True:
             now = time.monotonic()

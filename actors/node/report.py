@@ -3,7 +3,8 @@
 ``metrics`` is the compact summary the policy actor decides from, in the typed rows both control
 levels share (``actors/control/rows.py``); ``status`` is the full picture ``nalar status`` shows. The
 control subject ``nalar.<ns>.node.<name>`` answers ``status`` and ``ping`` and the session-state ops
-(``units``, ``show``, ``log``, and the move protocol's ``pull``, ``export``, ``export_done``).
+``units``, ``show``, ``log`` and ``pull`` (a migration's destination warming up), each of which catches
+the session's units up with their log first.
 """
 from __future__ import annotations
 
@@ -124,12 +125,7 @@ class Reporter:
         }
 
     def _state_status(self) -> dict[str, Any] | None:
-        s = self.sessions
-        if s is None:
-            return None
-        return {"path": s.store.path, "map_size": s.store.map_size(), "held": len(s.held),
-                "commit_batches": s.committer.batches, "commit_ops": s.committer.ops,
-                "pulled": s.pulled, "exported": s.exported, "moving": len(s.moving)}
+        return None if self.sessions is None else self.sessions.status()
 
     # -- the control subject --------------------------------------------------------------------
     def on_control(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
@@ -139,69 +135,48 @@ class Reporter:
                 return self.status()
             if op == "ping":
                 return {"node": self.book.name, "pong": True}
-            if op in ("export", "export_done", "pull", "units", "show", "log"):
+            if op in ("pull", "units", "show", "log"):
                 if self.sessions is None:
                     raise MalformedMessage(f"node {self.book.name} hosts no stateful actor")
                 return self._state_op(self.sessions, op, body, reply)
-            raise MalformedMessage(f"unknown control op {op!r}; known: status, ping, export, export_done, "
-                                   "pull, units, show, log")
+            raise MalformedMessage(f"unknown control op {op!r}; known: status, ping, pull, units, show, log")
         self._answer("control", reply, data, handle)
 
     def _state_op(self, sessions: Sessions, op: str, body: dict[str, Any], reply: str) -> Any:
-        """Session-state control ops; the slow ones answer later from a task (``_LATER``)."""
+        """Session-state control ops: each catches the session's units up with the log first."""
         session = body.get("session")
         if not isinstance(session, str) or not session:
             raise MalformedMessage(f"{op} needs a 'session'")
-        if op == "units":
-            return sessions.units_of(session)
-        if op in ("show", "log"):
-            out, held = {}, []
-            for actor in sessions.units_of(session):
-                u = state_keys.unit(session, actor)
-                out[actor] = sessions.store.snapshot(u) if op == "show" else sessions.store.log(u)
-                if u in sessions.held:
-                    held.append(actor)
-            return {"node": self.book.name, "session": session, "units": out, "held": held}
-        if op == "pull":
-            src = body.get("from")
-            if not isinstance(src, str) or not src:
-                raise MalformedMessage("pull needs 'from' (the node that holds the session)")
-            asyncio.get_running_loop().create_task(self._pull_session(sessions, session, src, reply))
-            return _LATER
-        target = body.get("actor")
-        if not isinstance(target, str) or target not in self.book.groups:
-            raise MalformedMessage(f"{op} needs an 'actor' hosted here")
-        u = state_keys.unit(session, target)
-        if op == "export_done":
-            sessions.confirmed(u, body.get("ok") is True)
-            return _LATER
-        to = body.get("to")
-        if not reply or not isinstance(to, str):
-            raise MalformedMessage("export needs a reply subject and 'to'")
-        asyncio.get_running_loop().create_task(sessions.export(u, reply, to))
+        state_keys.unit(session, "x")  # a bad session id is a clear error now, not in the task
+        asyncio.get_running_loop().create_task(self._state_task(sessions, op, session, reply))
         return _LATER
 
-    async def _pull_session(self, sessions: Sessions, session: str, src: str, reply: str) -> None:
-        """``migrate(session, src, here)``: bring every unit of the session that ``src`` holds."""
+    async def _state_task(self, sessions: Sessions, op: str, session: str, reply: str) -> None:
         t0 = time.perf_counter()
-        moved, size = [], 0
         try:
-            if src == self.book.name:
-                raise ValueError("source and destination are the same node")
-            msg = await self.rt.request(self.rt.subjects.node(src), {"op": "units", "session": session})
-            if not isinstance(msg, list):
-                raise ValueError(f"node {src} answered 'units' with {type(msg).__name__}, not a list")
-            for actor in msg:
-                if isinstance(actor, str) and actor in self.book.groups:
-                    size += await sessions.bring_here(state_keys.unit(session, actor), expect_src=src)
-                    moved.append(actor)
+            actors = [a for a in await sessions.actors_of(session) if a in self.book.groups]
+            if op == "units":
+                result: Any = actors
+            else:
+                size, units = 0, {}
+                for actor in actors:
+                    u = state_keys.unit(session, actor)
+                    size += await sessions.bring_here(u)
+                    if op != "pull":
+                        units[actor] = sessions.store.snapshot(u) if op == "show" else sessions.store.log(u)
+                if op == "pull":
+                    result = {"moved": actors, "bytes": size, "to": self.book.name,
+                              "ms": round((time.perf_counter() - t0) * 1000, 3)}
+                else:
+                    result = {"node": self.book.name, "session": session, "units": units, "held": actors}
+            out = env.encode_result(result)
+            env.check_size(out, None, self.rt.transport.max_payload, f"the answer to {op}")
         except Exception as e:
             if reply:
                 self.rt.send(reply, env.encode_error(StateError(str(e), type=type(e).__name__).to_wire()))
             return
         if reply:
-            self.rt.send(reply, env.encode_result({"moved": moved, "bytes": size, "from": src, "to": self.book.name,
-                                                   "ms": round((time.perf_counter() - t0) * 1000, 3)}))
+            self.rt.send(reply, out)
 
     def _answer(self, where: str, reply: str, data: bytes, fn: Callable[[dict[str, Any]], Any]) -> None:
         try:

@@ -1,78 +1,83 @@
-"""A node's side of session state: admitting calls to units it holds, committing, moving units.
+"""A node's side of session state: admitting stateful calls, committing them through the log.
 
-Before a call of a ``stateful`` actor runs for session S, this node must hold unit (S, actor):
-it holds it if its store has the unit's head; otherwise it claims the unit in placement (a new
-session) or pulls it from the holder (migration to here). A call whose future already committed is
-answered from the store without running again. After the method returns, its changes commit as the
-unit's next version before the caller hears back.
+The unit's log (``state.log``) decides the order of its versions; this node's LMDB holds a copy. A
+call of a ``stateful`` actor for session S runs on the copy of unit (S, actor): caught up from the log
+the first time this process touches the unit, then kept current by its own commits. Its changes are
+appended to the log on the sequence the copy was at when it began; only once the log acknowledges
+the append is the caller answered. If another node committed first, the append is refused, the copy
+catches up, and the call runs again on the new version (or, if the other commit was this very future
+retried, is answered with that commit's reply). A call that changed nothing but read state is checked
+against the log the same way before it is answered, so no node answers from a stale copy.
 
-Holding a unit is decided by placement, never by finding its data on disk: a unit this process has
-not yet confirmed is claimed (new) or pulled (held elsewhere) before its first call here.
-
-Moving a unit: the destination asks the holder to export it. The holder marks placement
-``holder>destination``, stops admitting the unit's calls, waits for the one running, and streams the
-records. The destination writes them durably, then swaps the mark for its own name and says so; only
-then does the holder drop its copy. If that does not happen in time, the holder swaps the mark back
-to itself, and a late destination, finding its swap refused, drops what it wrote.
+Any node can therefore serve any unit, a restarted node (with its disk or on an empty one) catches up
+instead of starting over, and where a session's calls go is a question of locality only.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any, Callable
 
 from ...bus import envelope as env
-from ...bus.errors import MalformedMessage, StateError, Unavailable
-from ...bus.transport import is_no_responders
+from ...bus.errors import Conflict, StateError, Unavailable
 from ...state import keys as K
-from ...state import transfer
-from ...state.committer import Commit, Committer, Drop, Put
+from ...state.committer import Committer
+from ...state.log import Fenced, JetStreamLog, LocalLog, UnitLog, Unreachable
 from ...state.managed import Txn
-from ...state.placement import KVPlacement, LocalPlacement, Placement, holder
+from ...state.record import Change
 from ...state.store import Store
+from ...state.sync import NotApplied, UnitSync
 from ..runtime import Runtime
 from .calls import Answer, Call, Queue
 
 log = logging.getLogger("nalar.sessions")
-H_SEQ, H_TOTAL = "Nalar-Seq", "Nalar-Total"
-TRANSFER_TIMEOUT = 30.0  # a transfer of 10 MiB takes ~50 ms here; this bounds how long a dead peer stalls calls
+Done = Callable[[Call, Any, bytes], None]
 
 
 class Sessions:
-    """This node's ``StateGate``: which units it holds, whose turn it is in each, commits and moves.
+    """This node's ``StateGate``: which units it has caught up, whose turn it is in each, commits.
 
-    It reaches the rest of the node only through its ports: ``queue`` (a call's turn came),
-    ``answer`` (answered from the store, or failed) and ``readmit`` (a call parked during a move
-    that failed re-enters: the node's enforcement decides where it goes).
+    It reaches the rest of the node only through its ports: ``queue`` (a call's turn came) and
+    ``answer`` (answered from the store, or failed).
     """
 
-    def __init__(self, name: str, rt: Runtime, store: Store, placement: Placement, queue: Queue,
+    def __init__(self, name: str, rt: Runtime, store: Store, unit_log: UnitLog, queue: Queue,
                  answer: Answer) -> None:
         self.name = name
         self.rt = rt
         self.queue = queue
         self.answer = answer
-        self.readmit: Callable[[Call], None] = self.admit
         self.store = store
         self.committer = Committer(store)
-        self.placement = placement
-        self.held: set[bytes] = set()  # units placement says are ours (checked once per unit)
-        self._acquiring: dict[bytes, list[Call]] = {}
-        self._bringing: dict[bytes, "asyncio.Future[None]"] = {}  # one claim/pull per unit at a time
-        self.moving: dict[bytes, list[Call]] = {}  # units being exported -> calls parked meanwhile
+        self.log = unit_log
+        self.sync = UnitSync(name, unit_log, store, self.committer, rt.transport.max_payload - env.HEADER_ALLOWANCE)
+        self.checks_reads = not isinstance(unit_log, LocalLog)  # one process: its copy is the only one
+        self.known: set[bytes] = set()  # units this process caught up: its copy follows their log
+        self._syncing: dict[bytes, list[Call]] = {}
         self.owner: dict[bytes, Call] = {}  # the call whose turn it is, per unit
         self.busy: dict[bytes, list[Call]] = {}  # unit -> calls waiting their turn (stateful order)
-        self._idle: dict[bytes, asyncio.Event] = {}
-        self._confirm: dict[bytes, "asyncio.Future[bool]"] = {}
-        self.pulled = 0
-        self.exported = 0
+        self.counts = {"conflicts": 0, "stale_reads": 0, "unknown": 0, "answered_from_log": 0}
 
     @classmethod
-    async def open(cls, name: str, rt: Runtime, path: str, queue: Queue, answer: Answer) -> "Sessions":
+    async def open(cls, name: str, rt: Runtime, path: str, queue: Queue, answer: Answer,
+                   replicas: int | None = None) -> "Sessions":
         store = Store(path)
-        js = rt.transport.jetstream()
-        placement: Placement = LocalPlacement() if js is None else await KVPlacement.open(js, rt.subjects.ns)
-        return cls(name, rt, store, placement, queue, answer)
+        try:
+            js = rt.transport.jetstream()
+            unit_log: UnitLog
+            lmdb_only = os.environ.get("NALAR_STATE_LOG", "").strip().lower() == "lmdb-only"
+            if js is None or lmdb_only:
+                if js is not None:
+                    log.warning("NALAR_STATE_LOG=lmdb-only: node %s keeps session state in its LMDB alone (no "
+                                "log, no replication); run one such node per namespace, never several", name)
+                unit_log = LocalLog(lambda u: (store.head(u) or {"s": 0})["s"])
+            else:
+                unit_log = await JetStreamLog.open(js, getattr(rt.transport, "nc"), rt.subjects.ns, replicas)
+        except BaseException:
+            store.close()
+            raise
+        return cls(name, rt, store, unit_log, queue, answer)
 
     def close(self) -> None:
         self.committer.stop()
@@ -80,18 +85,15 @@ class Sessions:
 
     # -- admission ------------------------------------------------------------------------------
     def admit(self, c: Call) -> None:
-        """Run ``c`` once its unit is held here and its turn comes; answer it from the store if it committed."""
+        """Run ``c`` once its unit's copy is current and its turn comes; answer it if it committed."""
         u = c.unit
-        if u in self.moving:
-            self.moving[u].append(c)
-            return
-        if u not in self.held:
-            waiting = self._acquiring.get(u)
+        if u not in self.known:
+            waiting = self._syncing.get(u)
             if waiting is not None:
                 waiting.append(c)
             else:
-                self._acquiring[u] = [c]
-                asyncio.get_running_loop().create_task(self._acquire(u))
+                self._syncing[u] = [c]
+                asyncio.get_running_loop().create_task(self._first_sync(u))
             return
         try:
             prior = self.store.find_future(c.id)
@@ -108,41 +110,47 @@ class Sessions:
         self.busy[u] = []
         self.queue.enqueue(c)
 
-    async def _acquire(self, u: bytes) -> None:
-        err: str | None = None
+    async def _first_sync(self, u: bytes) -> None:
+        err: tuple[type[Any], str] | None = None
         try:
             await self.bring_here(u)
-        except Exception as e:  # the holder is gone, placement is unreachable...: the calls fail clearly
-            err = f"cannot bring session state {K.split_unit(u)} to node {self.name}: {e}"
-            log.warning("%s", err)
-        for c in self._acquiring.pop(u, []):
+        except Unreachable as e:  # retryable: a leader election, a reconnect
+            err = (Unavailable, f"cannot catch up session state {K.split_unit(u)} on node {self.name}: {e}")
+        except Exception as e:
+            err = (StateError, f"cannot catch up session state {K.split_unit(u)} on node {self.name}: {e}")
+        if err is not None:
+            log.warning("%s", err[1])
+        for c in self._syncing.pop(u, []):
             if c.done:
                 continue
             if err is None:
                 self.admit(c)
-            else:  # retryable: the holder may be restarting
-                self.answer.fail(c, Unavailable, err)
+            else:
+                self.answer.fail(c, err[0], err[1])
+
+    async def bring_here(self, u: bytes, expect_src: str | None = None) -> int:
+        """Catch this node's copy of ``u`` up with its log (a migration's prefetch): the bytes read."""
+        n = await self.sync.catch_up(u)
+        self.known.add(u)
+        return n
 
     def release(self, c: Call) -> None:
         """``c`` is answered: if it had its unit's turn, the next waiting call gets it."""
         u = c.unit
         if self.owner.get(u) is not c:  # it never had the turn: just leave the line
-            queue = self.busy.get(u)
-            if queue is not None and c in queue:
-                queue.remove(c)
+            line = self.busy.get(u)
+            if line is not None and c in line:
+                line.remove(c)
             return
-        queue = self.busy[u]
-        while queue:
-            nxt = queue.pop(0)
+        line = self.busy[u]
+        while line:
+            nxt = line.pop(0)
             if not nxt.done:
                 self.owner[u] = nxt
                 self.queue.enqueue(nxt)
                 return
         del self.busy[u]
         del self.owner[u]
-        ev = self._idle.pop(u, None)
-        if ev is not None:
-            ev.set()
 
     def withdraw(self, u: bytes) -> list[Call]:
         """Take out every call of ``u`` that has not started here (to send them elsewhere), in order."""
@@ -154,217 +162,94 @@ class Sessions:
                 out.append(owner)
                 del self.owner[u]
                 self.busy.pop(u, None)
-                ev = self._idle.pop(u, None)
-                if ev is not None:
-                    ev.set()
             out.extend(line)
             line.clear()
-        out.extend(self._acquiring.get(u, []))
-        self._acquiring.get(u, []).clear()
-        parked = self.moving.get(u)
-        if parked:
-            out.extend(parked)
-            parked.clear()
+        waiting = self._syncing.get(u)
+        if waiting:
+            out.extend(waiting)
+            waiting.clear()
         return [c for c in out if not c.done]
-
-    # -- holding a unit: placement decides, never the mere presence of data ----------------------
-    async def bring_here(self, u: bytes, expect_src: str | None = None) -> int:
-        """Make this node the unit's holder: claim it if new, or pull it from its holder."""
-        if u in self.held:
-            return 0
-        running = self._bringing.get(u)
-        if running is not None:
-            await asyncio.shield(running)
-            return 0
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._bringing[u] = fut
-        try:
-            me = self.name
-            if expect_src is None:
-                value = await self.placement.claim(u, me)
-            else:  # a migrate: the unit must already be placed at its source
-                cur = await self.placement.get(u)
-                if cur is None:
-                    raise StateError(f"{K.split_unit(u)} is not placed anywhere")
-                value = cur[0]
-            src = holder(value)
-            if expect_src is not None and src != expect_src:
-                raise StateError(f"{K.split_unit(u)} is held by {src!r}, not {expect_src!r}")
-            if src == me:
-                if value != me:  # we died while moving it away: take it back (the destination's swap fails)
-                    await self.placement.swap(u, value, me)
-                self.held.add(u)
-                return 0
-            return await self._pull(u, src)
-        finally:
-            self._bringing.pop(u, None)
-            if not fut.done():
-                fut.set_result(None)
 
     # -- commit -----------------------------------------------------------------------------------
     def begin(self, c: Call) -> Txn:
-        """The transaction ``c``'s managed objects read and write through."""
+        """The transaction ``c``'s managed objects read and write through (on the copy as it is now)."""
         return Txn(self.store, c.unit)
 
-    def commit(self, c: Call, writes: dict[str, bytes], body: bytes,
-               done: Callable[[Call, Any, bytes], None]) -> None:
-        """Commit ``c``'s changes as its unit's next version; ``done(c, outcome, body)`` runs on the loop."""
-        def settled(outcome: Any) -> None:
-            self.rt.post(done, c, outcome, body)
+    def commit(self, c: Call, changes: list[tuple[Change, bytes]], body: bytes, done: Done) -> None:
+        """Append ``c``'s changes to its unit's log, apply them here; then ``done(c, outcome, body)``."""
+        asyncio.get_running_loop().create_task(self._commit(c, changes, body, done))
 
+    def verify(self, c: Call, body: bytes, done: Done) -> None:
+        """``c`` read state and changed none: answer it only if its copy was current (``done`` as for commit)."""
+        if not self.checks_reads:
+            done(c, ("ok", 0), body)
+            return
+        asyncio.get_running_loop().create_task(self._verify(c, body, done))
+
+    async def _commit(self, c: Call, changes: list[tuple[Change, bytes]], body: bytes, done: Done) -> None:
+        u = c.unit
         assert c.txn is not None
-        self.committer.submit(Commit(c.unit, c.id, c.method, c.meta.attempt, dict(c.txn.seen), writes, body, settled))
+        outcome: Any
+        try:
+            v = await self.sync.commit(u, c.txn.base, c.id, c.method, c.meta.attempt, changes, body,
+                                       c.meta.deadline or 0.0)
+            outcome = ("ok", v)
+        except Fenced:
+            outcome = await self._lost_race(c)
+        except NotApplied as e:  # it is committed: the caller hears so; the copy is caught up next time
+            self.known.discard(u)
+            outcome = ("ok", e.version)
+        except Unreachable as e:
+            self.known.discard(u)  # whatever happened, the copy must be checked against the log next time
+            self.counts["unknown"] += 1
+            outcome = ("error", Unavailable(f"{e}; call again with the same future id (key={c.id!r}) to learn "
+                                            "whether it committed"))
+        except StateError as e:
+            self.known.discard(u)
+            outcome = ("error", e)
+        except Exception as e:  # never leave the call hanging
+            log.exception("commit of %s failed", K.split_unit(u))
+            self.known.discard(u)
+            outcome = ("error", StateError(f"{type(e).__name__}: {e}"))
+        done(c, outcome, body)
 
-    # -- moving units -------------------------------------------------------------------------------
-    async def export(self, u: bytes, reply: str, to: str) -> None:
-        """Holder side of a move: fence it in placement, stream the unit, drop it only once ``to`` holds it."""
-        me = self.name
-
-        def refuse(why: str) -> None:
-            self.rt.send(reply, env.encode_error(StateError(why).to_wire()))
-
-        if u in self.moving or u in self._bringing:
-            refuse(f"{K.split_unit(u)} is already moving")
+    async def _verify(self, c: Call, body: bytes, done: Done) -> None:
+        assert c.txn is not None
+        try:
+            last = await self.log.last(c.unit)
+        except Exception as e:
+            done(c, ("error", Unavailable(f"cannot check session state against its log: {e}")), body)
             return
-        if u not in self.held:
-            cur = await self.placement.get(u)
-            if cur is None or cur[0] != me:
-                refuse(f"node {me} does not hold {K.split_unit(u)}")
-                return
-            self.held.add(u)
-        mark = f"{me}>{to}"
-        if not await self.placement.swap(u, me, mark):
-            refuse(f"placement of {K.split_unit(u)} is not {me!r}")
+        if (last.seq if last is not None else 0) == c.txn.base["s"]:
+            done(c, ("ok", c.txn.base["v"]), body)
             return
-        parked = self.moving.setdefault(u, [])
-        confirmed = self._confirm[u] = asyncio.get_running_loop().create_future()
-        moved = False
+        self.counts["stale_reads"] += 1
+        done(c, await self._lost_race(c), body)
+
+    async def _lost_race(self, c: Call) -> Any:
+        """Another node committed first: catch up, then the call runs again (or its commit stands)."""
+        self.counts["conflicts"] += 1
         try:
-            if u in self.owner:  # let its running call commit first
-                await self._idle.setdefault(u, asyncio.Event()).wait()
-            loop = asyncio.get_running_loop()
-            records = await loop.run_in_executor(None, self.store.records, u)
-            if not records:  # claimed but never written: an empty unit moves as an empty head
-                records = [(K.head(u), b'{"v":0,"o":{}}')]
-            data = transfer.pack(records)
-            size = max(1024, self.rt.transport.max_payload - env.HEADER_ALLOWANCE)
-            parts = transfer.chunks(data, size)
-            for i, part in enumerate(parts):
-                await self.rt.transport.publish(reply, part, {H_SEQ: str(i), H_TOTAL: str(len(parts))})
-            await self.rt.transport.flush()
-            try:
-                ok = await asyncio.wait_for(asyncio.shield(confirmed), TRANSFER_TIMEOUT)
-            except asyncio.TimeoutError:
-                ok = False
-            if ok:
-                cur = await self.placement.get(u)
-                moved = cur is not None and cur[0] == to
-            if not moved:  # reclaim; if the destination's swap landed first, it has the unit after all
-                if not await self.placement.swap(u, mark, me):
-                    cur = await self.placement.get(u)
-                    moved = cur is not None and cur[0] == to
-        except Exception:
-            log.exception("export of %s failed", K.split_unit(u))
-            if not await self.placement.swap(u, mark, me):
-                cur = await self.placement.get(u)
-                moved = cur is not None and cur[0] == to
-        finally:
-            if moved:
-                self.held.discard(u)
-                try:
-                    await self._write(Drop(u, _ignore))
-                except StateError:
-                    log.exception("dropping %s after it moved", K.split_unit(u))
-                self.exported += 1
-            self._confirm.pop(u, None)
-            self.moving.pop(u, None)
-            for c in parked:  # they re-enter: here if the move failed, else they follow their route
-                if not c.done:
-                    self.readmit(c)
+            await self.sync.catch_up(c.unit)
+        except Exception as e:
+            self.known.discard(c.unit)
+            kind = Unavailable if isinstance(e, Unreachable) else StateError
+            return ("error", kind(f"cannot catch up session state {K.split_unit(c.unit)}: {e}"))
+        prior = self.store.find_future(c.id)
+        if prior is not None:  # this very future committed elsewhere (a retry): its answer stands
+            self.counts["answered_from_log"] += 1
+            return ("duplicate", prior[0]["v"], prior[1])
+        return ("conflict", Conflict("another node committed this session's state first"))
 
-    def confirmed(self, u: bytes, ok: bool) -> None:
-        f = self._confirm.get(u)
-        if f is not None and not f.done():
-            f.set_result(ok)
+    # -- inspection -------------------------------------------------------------------------------------
+    async def actors_of(self, session: str) -> list[str]:
+        """Actors with state for ``session``: in the log, or (without one) in this node's copy."""
+        found = set(self.store.units_of(session))
+        found.update(await self.log.actors_of(session))
+        return sorted(found)
 
-    async def _pull(self, u: bytes, src: str) -> int:
-        """Destination side: fetch the unit, write it durably, then swap placement ``src>me`` to ``me``."""
-        rt = self.rt
-        me = self.name
-        session, actor = K.split_unit(u)
-        parts: dict[int, bytes] = {}
-        total: list[int] = []
-        failure: list[str] = []
-
-        def on(data: bytes, headers: dict[str, str] | None) -> bool:
-            try:
-                if not headers or H_SEQ not in headers:
-                    if is_no_responders(data, headers):
-                        failure.append(f"node {src} is not reachable")
-                    else:
-                        ok, value = env.decode_reply(data)  # the holder refused, with a reason
-                        failure.append(str(value.get("message") if isinstance(value, dict) else value))
-                    return True
-                seq, n = int(headers[H_SEQ]), int(headers[H_TOTAL])
-                if not (0 <= seq < n <= 1_000_000):
-                    raise ValueError("bad sequence")
-            except (MalformedMessage, ValueError, KeyError) as e:
-                rt.count_malformed("transfer")
-                failure.append(f"malformed transfer message: {e}")
-                return True
-            parts[seq] = data
-            if not total:
-                total.append(n)
-            return len(parts) >= total[0]
-
-        async def tell(ok: bool) -> None:
-            await rt.transport.publish(rt.subjects.node(src), env.dumps(
-                {"op": "export_done", "session": session, "actor": actor, "ok": ok}))
-
-        try:
-            await rt.scatter(rt.subjects.node(src), {"op": "export", "session": session, "actor": actor, "to": me},
-                             on, TRANSFER_TIMEOUT)
-        except BaseException:
-            await tell(False)
-            raise
-        if not failure and (not total or len(parts) < total[0]):
-            failure.append(f"node {src} did not send {K.split_unit(u)} within {TRANSFER_TIMEOUT:.0f} s")
-        try:
-            if failure:
-                raise StateError(failure[0])
-            data = b"".join(parts[i] for i in range(total[0]))
-            records = transfer.unpack(data, u)  # validates everything before a byte is written
-            await self._write(Put(u, records, _ignore))
-            if not await self.placement.swap(u, f"{src}>{me}", me):
-                await self._write(Drop(u, _ignore))  # the holder took it back: our copy must not live on
-                raise StateError(f"the move of {K.split_unit(u)} was called off by {src}")
-        except BaseException:
-            await tell(False)
-            raise
-        self.held.add(u)
-        self.pulled += 1
-        await tell(True)
-        return len(data)
-
-    async def _write(self, op: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        op.done = lambda out: loop.call_soon_threadsafe(_settle, fut, out)
-        self.committer.submit(op)
-        out = await fut
-        if out[0] != "ok":
-            raise out[1]
-        return out[1]
-
-    def units_of(self, session: str) -> list[str]:
-        return self.store.units_of(session)
-
-
-def _settle(fut: "asyncio.Future[Any]", out: Any) -> None:
-    if not fut.done():
-        fut.set_result(out)
-
-
-def _ignore(_: Any) -> None:
-    pass
-
+    def status(self) -> dict[str, Any]:
+        s = self.store
+        return {"path": s.path, "map_size": s.map_size(), "units": len(self.known),
+                "commit_batches": self.committer.batches, "commit_ops": self.committer.ops,
+                **self.log.describe(), **self.sync.counts, **self.counts}

@@ -1,0 +1,239 @@
+"""Keeping this node's copy of a unit in step with the unit's log: committing to it, catching up from it.
+
+A commit is appended to the log on the sequence the call's copy was at; only once the log has
+acknowledged it (with the stream's replicas) is it applied here and may the caller hear back. If the
+append is refused, another node committed first: the copy catches up and the call runs again.
+
+Catching up reads the log after the copy's sequence. If what follows does not chain on to it (older
+messages were discarded, or the copy is empty), it starts again from the latest snapshot, which every
+message names; so catching up a long session reads at most one snapshot and the deltas after it.
+A snapshot is written in place of a delta once the deltas since the last one outweigh the state or
+number ``SNAPSHOT_EVERY``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from ..bus.errors import StateError
+from . import keys as K
+from .committer import Apply, Committer, Entry, Op
+from .log import H_BASE, H_PART, H_PREV, Msg, UnitLog
+from .record import DELTA, SET, SNAPSHOT, Change, Record, decode, encode
+from .store import Store
+
+log = logging.getLogger("nalar.state")
+#: Messages on a unit's subject between snapshots, at most (``log.MAX_PER_UNIT`` keeps far more).
+SNAPSHOT_EVERY = 256
+#: Deltas since the last snapshot smaller than this never call for one (whatever the state's size).
+SNAPSHOT_MIN_BYTES = 256 * 1024
+#: Replies a snapshot carries for recognising retried futures, at most (bytes).
+SNAPSHOT_REPLY_BYTES = 1024 * 1024
+
+
+class NotApplied(Exception):
+    """The log has the commit (it stands: the caller is answered) but this node's copy could not take it."""
+
+    def __init__(self, version: int, why: Exception) -> None:
+        super().__init__(f"committed version {version} could not be applied here: {why}")
+        self.version = version
+
+
+class UnitSync:
+    """One node's copies of units, kept in step with their logs."""
+
+    def __init__(self, node: str, log_: UnitLog, store: Store, committer: Committer, max_message: int) -> None:
+        self.node = node
+        self.log = log_
+        self.store = store
+        self.committer = committer
+        self.max_message = max(1024, max_message)
+        self._catching: dict[bytes, "asyncio.Future[int]"] = {}
+        self.counts = {"caught_up": 0, "read_messages": 0, "read_bytes": 0, "skipped": 0, "snapshots": 0,
+                       "appended_bytes": 0}
+
+    # -- catching up ------------------------------------------------------------------------------
+    async def catch_up(self, u: bytes) -> int:
+        """Bring the copy of ``u`` up to the log's last record; the bytes read (0: it was current)."""
+        running = self._catching.get(u)
+        if running is not None:
+            return await asyncio.shield(running)
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._catching[u] = fut
+        try:
+            n = await self._catch_up(u)
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # retrieved: a waiter may or may not be there
+            raise
+        else:
+            fut.set_result(n)
+            return n
+        finally:
+            self._catching.pop(u, None)
+
+    async def _catch_up(self, u: bytes) -> int:
+        h = self.store.head(u)
+        have = h["s"] if h else 0
+        last = await self.log.last(u)
+        if last is None:
+            if have and _is_replicated(self.log):
+                raise StateError(f"the state log has nothing for {K.split_unit(u)} but this node's copy is at "
+                                 f"version {h['v'] if h else 0}: the state stream was deleted or lost")
+            return 0
+        if last.seq == have:
+            return 0
+        if last.seq < have:
+            raise StateError(f"this node's copy of {K.split_unit(u)} is ahead of its log ({have} > {last.seq}): "
+                             "the state stream lost messages")
+        msgs = await self.log.read(u, have + 1, last.seq)
+        reset = not msgs or _prev(msgs[0]) != have
+        if reset:  # a gap (or an empty copy): start from the latest snapshot, or the beginning
+            base = _int(last.headers.get(H_BASE))
+            msgs = await self.log.read(u, base or 1, last.seq)
+        entries, skipped = assemble(msgs, None if reset else have)
+        await self.write(Apply(u, entries, last.seq, reset, _ignore))
+        size = sum(len(m.data) for m in msgs)
+        c = self.counts
+        c["caught_up"] += 1
+        c["read_messages"] += len(msgs)
+        c["read_bytes"] += size
+        c["skipped"] += skipped
+        return size
+
+    # -- committing -----------------------------------------------------------------------------------
+    async def commit(self, u: bytes, base: dict[str, Any], future: str, method: str, attempt: int,
+                     changes: list[tuple[Change, bytes]], reply: bytes, deadline: float) -> int:
+        """Append the call's changes to the log on ``base``'s sequence, then apply them here: the version.
+
+        Raises ``log.Fenced`` (another commit came first), ``log.Unreachable`` (outcome unknown),
+        ``NotApplied`` (committed, but not applied here) or ``StateError`` (nothing committed).
+        """
+        version = base["v"] + 1
+        writes = [c for c, _ in changes]
+        futures: list[tuple[str, int, bytes]] = []
+        kind = DELTA
+        delta = sum(len(c.data) for c in writes)
+        if base["v"] and (base["c"] >= SNAPSHOT_EVERY or base["d"] + delta >= max(SNAPSHOT_MIN_BYTES, base["z"])):
+            kind = SNAPSHOT
+            objs = self.store.objects(u)
+            objs.update((c.name, full) for c, full in changes)
+            writes = [Change(name, SET, data) for name, data in sorted(objs.items())]
+            futures = _bounded(self.store.recent_futures(u, self.store.history - 1))
+        data = encode(Record(version, future, method, attempt, self.node, kind, writes, reply, futures))
+        size = self.max_message
+        chunks = [data[i:i + size] for i in range(0, len(data), size)] or [b""]
+        n = len(chunks)
+        b = str(base["b"])
+        parts = [(chunk, {H_BASE: b, H_PART: f"{i}/{n}"} if n > 1 else {H_BASE: b}) for i, chunk in enumerate(chunks)]
+        seqs = await self.log.append(u, base["s"], parts, f"{future}:{version}", deadline)
+        self.counts["appended_bytes"] += len(data)
+        if kind == SNAPSHOT:
+            self.counts["snapshots"] += 1
+        rec = Record(version, future, method, attempt, self.node, kind, writes, reply, futures, time.time())
+        try:
+            await self.write(Apply(u, [Entry(seqs[-1], seqs[0], n, rec)], seqs[-1], False, _ignore))
+        except Exception as e:  # a full disk: the commit stands in the log; the copy catches up later
+            log.error("%s: version %d is in the log but not in this node's copy: %s", K.split_unit(u), version, e)
+            raise NotApplied(version, e) from None
+        return version
+
+    async def write(self, op: Op) -> Any:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        op.done = lambda out: loop.call_soon_threadsafe(_settle, fut, out)
+        self.committer.submit(op)
+        out = await fut
+        if out[0] != "ok":
+            raise out[1]
+        return out[1:]
+
+
+def assemble(msgs: list[Msg], prev: int | None) -> tuple[list[Entry], int]:
+    """The complete records in ``msgs`` (parts joined), and how many messages were skipped.
+
+    A message that does not name the one before it as its base was not appended by a fenced writer
+    (or follows a gap), and one part without the rest is a commit that never finished: both are
+    skipped, and carry no state.
+    """
+    entries: list[Entry] = []
+    skipped = 0
+    pending: list[Msg] = []
+    for m in msgs:
+        p = _prev(m)
+        if prev is not None and p != prev:
+            skipped += 1
+            pending = []
+            prev = m.seq
+            continue
+        prev = m.seq
+        i, n = _part(m)
+        if i == 0:
+            pending = [m]
+        elif pending and len(pending) == i:
+            pending.append(m)
+        else:
+            skipped += 1
+            pending = []
+            continue
+        if i == n - 1:
+            try:
+                rec = decode(b"".join(x.data for x in pending))
+            except StateError as e:
+                log.warning("skipping a record in the state log: %s", e)
+                skipped += len(pending)
+            else:
+                entries.append(Entry(m.seq, pending[0].seq, n, rec))
+            pending = []
+    return entries, skipped
+
+
+def _prev(m: Msg) -> int:
+    return _int(m.headers.get(H_PREV), -1)
+
+
+def _part(m: Msg) -> tuple[int, int]:
+    raw = m.headers.get(H_PART)
+    if raw is None:
+        return 0, 1
+    i, _, n = raw.partition("/")
+    try:
+        a, b = int(i), int(n)
+    except ValueError:
+        return -1, 0
+    return (a, b) if 0 <= a < b else (-1, 0)
+
+
+def _int(raw: str | None, default: int = 0) -> int:
+    try:
+        return int(raw) if raw is not None else default
+    except ValueError:
+        return default
+
+
+def _bounded(futures: list[tuple[str, int, bytes]]) -> list[tuple[str, int, bytes]]:
+    """The newest futures whose replies fit ``SNAPSHOT_REPLY_BYTES``."""
+    out: list[tuple[str, int, bytes]] = []
+    total = 0
+    for f in reversed(futures):
+        total += len(f[2]) + len(f[0])
+        if total > SNAPSHOT_REPLY_BYTES:
+            break
+        out.append(f)
+    out.reverse()
+    return out
+
+
+def _is_replicated(log_: UnitLog) -> bool:
+    return log_.describe().get("log") == "jetstream"
+
+
+def _settle(fut: "asyncio.Future[Any]", out: Any) -> None:
+    if not fut.done():
+        fut.set_result(out)
+
+
+def _ignore(_: Any) -> None:
+    pass
