@@ -105,6 +105,17 @@ class NatsCluster:
     # -- life cycle ------------------------------------------------------------------------------
     def start(self) -> list[str]:
         """Start every server and wait for JetStream's meta leader; the client URLs."""
+        self._spawn_all()
+        asyncio.run(wait_jetstream(self.urls, self.startup_timeout))
+        return self.urls
+
+    async def start_async(self) -> list[str]:
+        """``start`` from inside a running loop (the servers still belong to the calling thread)."""
+        self._spawn_all()
+        await wait_jetstream(self.urls, self.startup_timeout)
+        return self.urls
+
+    def _spawn_all(self) -> None:
         if self.binary is None:
             from .server import find_server_binary
 
@@ -125,8 +136,6 @@ class NatsCluster:
                 self.stop()
                 if attempt == 2:
                     raise
-        asyncio.run(wait_jetstream(self.urls, self.startup_timeout))
-        return self.urls
 
     def kill(self, i: int) -> None:
         """SIGKILL server ``i``: no goodbye to its routes, no flush of its store."""

@@ -79,10 +79,15 @@ class Apply(Op):
                 objs.clear()
                 h["z"] = 0
                 h["b"], h["c"], h["d"] = e.first, 0, 0
-                for fid, ver, reply in r.futures:
+                for fid, ver, reply in r.futures:  # recognised here as if this copy had made them
+                    if ver <= r.version - store.history:
+                        continue
                     fk = K.future(fid)
                     if txn.get(fk) is None:
                         txn.put(fk, orjson.dumps({"u": K.split_unit(u), "v": ver}) + b"\n" + reply)
+                    lk = K.log(u, ver)
+                    if txn.get(lk) is None:  # so it is compacted, dropped and carried on like the rest
+                        txn.put(lk, orjson.dumps({"f": fid, "m": "", "w": [], "k": "carried"}))
             elif r.version != h["v"] + 1:
                 raise StateError(f"the log of {K.split_unit(u)} jumps from version {h['v']} to {r.version}")
             else:

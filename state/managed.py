@@ -80,7 +80,8 @@ class Txn:
             if not isinstance(hit[0], kind):
                 raise TypeError(f"managed object {name!r} is a {type(hit[0]).__name__} in this call, not a {kind.__name__}")
             return hit[0]
-        data, _ = self.store.load(self.unit, name)
+        # the head this call began on says whether the object exists; its value is one read
+        data = self.store.get(K.obj(self.unit, name)) if name in self.base["o"] else None
         value = orjson.loads(data) if data is not None else default
         try:
             obj = make(value)

@@ -29,26 +29,34 @@ DEFAULT_HISTORY = 1000
 
 
 class _RWLock:
-    """Many readers or one map-grower."""
+    """Many readers or one map-grower; a reader's way in is one uncontended lock, no generator."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._readers = 0
         self._growing = False
 
+    def acquire_shared(self) -> None:
+        with self._mutex:
+            if self._growing:
+                while self._growing:
+                    self._cond.wait()
+            self._readers += 1
+
+    def release_shared(self) -> None:
+        with self._mutex:
+            self._readers -= 1
+            if not self._readers and self._growing:
+                self._cond.notify_all()
+
     @contextmanager
     def shared(self) -> Iterator[None]:
-        with self._cond:
-            while self._growing:
-                self._cond.wait()
-            self._readers += 1
+        self.acquire_shared()
         try:
             yield
         finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+            self.release_shared()
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -132,11 +140,26 @@ class Store:
 
     # -- reads (any thread) -------------------------------------------------------------------
     def read(self, fn: Callable[[Any], T]) -> T:
-        with self._lock.shared(), self.env.begin(buffers=False) as txn:
-            return fn(txn)
+        lock = self._lock
+        lock.acquire_shared()
+        try:
+            with self.env.begin(buffers=False) as txn:
+                return fn(txn)
+        finally:
+            lock.release_shared()
+
+    def get(self, key: bytes) -> bytes | None:
+        """One raw value (the hot path: a call's objects, a retried future)."""
+        lock = self._lock
+        lock.acquire_shared()
+        try:
+            with self.env.begin(buffers=False) as txn:
+                return txn.get(key)  # type: ignore[no-any-return]
+        finally:
+            lock.release_shared()
 
     def head(self, u: bytes) -> dict[str, Any] | None:
-        return decode_head(self.read(lambda t: t.get(K.head(u))), u)
+        return decode_head(self.get(K.head(u)), u)
 
     def load(self, u: bytes, name: str) -> tuple[bytes | None, int]:
         """The latest value of one object (raw JSON) and the version that wrote it; ``(None, 0)`` if none."""
@@ -165,7 +188,7 @@ class Store:
 
     def find_future(self, fid: str) -> tuple[dict[str, Any], bytes] | None:
         """The committed record of a future (its version and stored reply body), if it committed."""
-        data = self.read(lambda t: t.get(K.future(fid)))
+        data = self.get(K.future(fid))
         return decode_future(data) if data is not None else None
 
     def recent_futures(self, u: bytes, limit: int) -> list[tuple[str, int, bytes]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 from ..bus.errors import StateError
 from . import keys as K
@@ -25,12 +25,25 @@ from .record import DELTA, SET, SNAPSHOT, Change, Record, decode, encode
 from .store import Store
 
 log = logging.getLogger("nalar.state")
+#: ``post(fn, *args)``: run ``fn(*args)`` on the loop soon, from any thread.
+Post = Callable[..., Any]
 #: Messages on a unit's subject between snapshots, at most (``log.MAX_PER_UNIT`` keeps far more).
 SNAPSHOT_EVERY = 256
 #: Deltas since the last snapshot smaller than this never call for one (whatever the state's size).
 SNAPSHOT_MIN_BYTES = 256 * 1024
 #: Replies a snapshot carries for recognising retried futures, at most (bytes).
 SNAPSHOT_REPLY_BYTES = 1024 * 1024
+
+
+class Pending(NamedTuple):
+    """A commit ready to append: its record, the messages it goes in, the sequence they go on."""
+
+    unit: bytes
+    expected: int
+    record: Record
+    parts: list[tuple[bytes, dict[str, str]]]
+    msg_id: str
+    size: int
 
 
 class NotApplied(Exception):
@@ -44,8 +57,10 @@ class NotApplied(Exception):
 class UnitSync:
     """One node's copies of units, kept in step with their logs."""
 
-    def __init__(self, node: str, log_: UnitLog, store: Store, committer: Committer, max_message: int) -> None:
+    def __init__(self, node: str, log_: UnitLog, store: Store, committer: Committer, max_message: int,
+                 post: Post | None = None) -> None:
         self.node = node
+        self._post = post  # hands the committer's outcomes to the loop, one wake-up per burst
         self.log = log_
         self.store = store
         self.committer = committer
@@ -88,17 +103,23 @@ class UnitSync:
         if last.seq < have:
             raise StateError(f"this node's copy of {K.split_unit(u)} is ahead of its log ({have} > {last.seq}): "
                              "the state stream lost messages")
-        msgs = await self.log.read(u, have + 1, last.seq)
-        reset = not msgs or _prev(msgs[0]) != have
-        if reset:  # a gap (or an empty copy): start from the latest snapshot, or the beginning
-            base = _int(last.headers.get(H_BASE))
+        base = _int(last.headers.get(H_BASE))  # the latest snapshot the last record was written on
+        read = 0
+        msgs: list[Msg] = []
+        reset = have < base  # what follows the copy is longer than what follows the snapshot
+        if not reset:
+            msgs = await self.log.read(u, have + 1, last.seq)
+            read = len(msgs)
+            reset = not msgs or _prev(msgs[0]) != have
+        if reset:  # a gap, or an empty or old copy: start from the latest snapshot (or the beginning)
             msgs = await self.log.read(u, base or 1, last.seq)
+            read += len(msgs)
         entries, skipped = assemble(msgs, None if reset else have)
         await self.write(Apply(u, entries, last.seq, reset, _ignore))
         size = sum(len(m.data) for m in msgs)
         c = self.counts
         c["caught_up"] += 1
-        c["read_messages"] += len(msgs)
+        c["read_messages"] += read
         c["read_bytes"] += size
         c["skipped"] += skipped
         return size
@@ -111,6 +132,18 @@ class UnitSync:
         Raises ``log.Fenced`` (another commit came first), ``log.Unreachable`` (outcome unknown),
         ``NotApplied`` (committed, but not applied here) or ``StateError`` (nothing committed).
         """
+        entry = await self.append(u, base, future, method, attempt, changes, reply, deadline)
+        await self.apply(u, entry)
+        return entry.record.version
+
+    async def append(self, u: bytes, base: dict[str, Any], future: str, method: str, attempt: int,
+                     changes: list[tuple[Change, bytes]], reply: bytes, deadline: float) -> Entry:
+        """The log half of ``commit``: once it returns, the commit stands (``apply`` brings it here)."""
+        return await self.append_prepared(self.prepare(u, base, future, method, attempt, changes, reply), deadline)
+
+    def prepare(self, u: bytes, base: dict[str, Any], future: str, method: str, attempt: int,
+                changes: list[tuple[Change, bytes]], reply: bytes) -> Pending:
+        """The record for the call's changes (a snapshot when one is due) and the messages it goes in."""
         version = base["v"] + 1
         writes = [c for c, _ in changes]
         futures: list[tuple[str, int, bytes]] = []
@@ -122,28 +155,40 @@ class UnitSync:
             objs.update((c.name, full) for c, full in changes)
             writes = [Change(name, SET, data) for name, data in sorted(objs.items())]
             futures = _bounded(self.store.recent_futures(u, self.store.history - 1))
-        data = encode(Record(version, future, method, attempt, self.node, kind, writes, reply, futures))
+        rec = Record(version, future, method, attempt, self.node, kind, writes, reply, futures, round(time.time(), 6))
+        data = encode(rec)
         size = self.max_message
         chunks = [data[i:i + size] for i in range(0, len(data), size)] or [b""]
         n = len(chunks)
         b = str(base["b"])
         parts = [(chunk, {H_BASE: b, H_PART: f"{i}/{n}"} if n > 1 else {H_BASE: b}) for i, chunk in enumerate(chunks)]
-        seqs = await self.log.append(u, base["s"], parts, f"{future}:{version}", deadline)
-        self.counts["appended_bytes"] += len(data)
-        if kind == SNAPSHOT:
+        return Pending(u, base["s"], rec, parts, f"{future}:{version}", len(data))
+
+    def appended(self, p: Pending, seqs: list[int]) -> Entry:
+        """``p`` is in the log at ``seqs``: its entry (count it)."""
+        self.counts["appended_bytes"] += p.size
+        if p.record.kind == SNAPSHOT:
             self.counts["snapshots"] += 1
-        rec = Record(version, future, method, attempt, self.node, kind, writes, reply, futures, time.time())
+        return Entry(seqs[-1], seqs[0], len(seqs), p.record)
+
+    async def append_prepared(self, p: Pending, deadline: float) -> Entry:
+        seqs = await self.log.append(p.unit, p.expected, p.parts, p.msg_id, deadline)
+        return self.appended(p, seqs)
+
+    async def apply(self, u: bytes, entry: Entry) -> None:
+        """Apply this node's own committed entry to its copy (``NotApplied`` if the copy cannot take it)."""
         try:
-            await self.write(Apply(u, [Entry(seqs[-1], seqs[0], n, rec)], seqs[-1], False, _ignore))
+            await self.write(Apply(u, [entry], entry.seq, False, _ignore))
         except Exception as e:  # a full disk: the commit stands in the log; the copy catches up later
-            log.error("%s: version %d is in the log but not in this node's copy: %s", K.split_unit(u), version, e)
-            raise NotApplied(version, e) from None
-        return version
+            log.error("%s: version %d is in the log but not in this node's copy: %s", K.split_unit(u),
+                      entry.record.version, e)
+            raise NotApplied(entry.record.version, e) from None
 
     async def write(self, op: Op) -> Any:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        op.done = lambda out: loop.call_soon_threadsafe(_settle, fut, out)
+        post: Post = self._post or loop.call_soon_threadsafe
+        op.done = lambda out: post(_settle, fut, out)
         self.committer.submit(op)
         out = await fut
         if out[0] != "ok":
@@ -171,6 +216,7 @@ def assemble(msgs: list[Msg], prev: int | None) -> tuple[list[Entry], int]:
         prev = m.seq
         i, n = _part(m)
         if i == 0:
+            skipped += len(pending)  # a record that never got its last part
             pending = [m]
         elif pending and len(pending) == i:
             pending.append(m)

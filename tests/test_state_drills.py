@@ -527,7 +527,9 @@ def test_fork_drill_calls_of_one_session_on_every_node_at_once(n_nodes, nats_url
     """Two callers per session, their calls spread over every node at once: one lineage per session."""
     sessions = [f"fork{n_nodes}-s{k:02d}" for k in range(20)]
     names = [f"f{k}" for k in range(n_nodes)]
-    fleet = Fleet(nats_url, namespace, tmp_path)
+    # homes off: each session's calls run wherever the queue group delivers them, on every node at
+    # once, so its commits race for real (with homes on, they would go to one node per session)
+    fleet = Fleet(nats_url, namespace, tmp_path, env={"NALAR_SESSION_HOMES": "off"})
     drill = Drill(f"fork drill, {n_nodes} nodes")
 
     async def run() -> tuple[Figures, list[str], list[str]]:

@@ -165,8 +165,9 @@ async def delta_size(client: Any, session: str, n: int = 1000) -> tuple[int, int
 
 
 async def writer_of(client: Any, session: str) -> str:
-    entries = (await client.state_async(session, "log"))["units"][ACTOR]
-    return str(entries[-1]["n"])
+    """The node serving ``session`` (its home): asked without a state op, which would catch a node up."""
+    pid = await client.stub(ACTOR, timeout=60).options(session=session).where()
+    return next(str(st["node"]) for st in await client.status_async() if st["pid"] == pid)
 
 
 async def catch_ups(client: Any, names: list[str], tag: str, migrations: int) -> tuple[dict[int, dict[str, list[float]]], bool]:
@@ -254,7 +255,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             from ..bus.cluster import NatsCluster
 
             cluster = NatsCluster(os.path.join(base, "cluster"))
-            cluster.start()
+            await cluster.start_async()
             curl = cluster.url
             ns_c = f"benchcluster{tag}"
             cclient = await nalar.connect_async(curl, ns_c)

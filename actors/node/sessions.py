@@ -22,12 +22,12 @@ from typing import Any, Callable
 from ...bus import envelope as env
 from ...bus.errors import Conflict, StateError, Unavailable
 from ...state import keys as K
-from ...state.committer import Committer
+from ...state.committer import Apply, Committer, Entry
 from ...state.log import Fenced, JetStreamLog, LocalLog, UnitLog, Unreachable
 from ...state.managed import Txn
 from ...state.record import Change
 from ...state.store import Store
-from ...state.sync import NotApplied, UnitSync
+from ...state.sync import Pending, UnitSync
 from ..runtime import Runtime
 from .calls import Answer, Call, Queue
 
@@ -51,10 +51,12 @@ class Sessions:
         self.store = store
         self.committer = Committer(store)
         self.log = unit_log
-        self.sync = UnitSync(name, unit_log, store, self.committer, rt.transport.max_payload - env.HEADER_ALLOWANCE)
+        self.sync = UnitSync(name, unit_log, store, self.committer, rt.transport.max_payload - env.HEADER_ALLOWANCE,
+                             rt.post)
         self.checks_reads = not isinstance(unit_log, LocalLog)  # one process: its copy is the only one
         self.known: set[bytes] = set()  # units this process caught up: its copy follows their log
         self._syncing: dict[bytes, list[Call]] = {}
+        self._applying: dict[bytes, "asyncio.Future[None]"] = {}  # units whose own commit this copy is taking
         self.owner: dict[bytes, Call] = {}  # the call whose turn it is, per unit
         self.busy: dict[bytes, list[Call]] = {}  # unit -> calls waiting their turn (stateful order)
         self.counts = {"conflicts": 0, "stale_reads": 0, "unknown": 0, "answered_from_log": 0}
@@ -73,7 +75,7 @@ class Sessions:
                                 "log, no replication); run one such node per namespace, never several", name)
                 unit_log = LocalLog(lambda u: (store.head(u) or {"s": 0})["s"])
             else:
-                unit_log = await JetStreamLog.open(js, getattr(rt.transport, "nc"), rt.subjects.ns, replicas)
+                unit_log = await JetStreamLog.open(js, getattr(rt.transport, "nc"), rt.subjects.ns, replicas, rt.ask)
         except BaseException:
             store.close()
             raise
@@ -135,12 +137,29 @@ class Sessions:
         return n
 
     def release(self, c: Call) -> None:
-        """``c`` is answered: if it had its unit's turn, the next waiting call gets it."""
+        """``c`` is answered: if it had its unit's turn, the next waiting call gets it (once this node's
+        copy has taken ``c``'s commit)."""
         u = c.unit
         if self.owner.get(u) is not c:  # it never had the turn: just leave the line
             line = self.busy.get(u)
             if line is not None and c in line:
                 line.remove(c)
+            return
+        applying = self._applying.get(u)
+        if applying is not None:
+            applying.add_done_callback(lambda _: self._pass_turn(u, c))
+            return
+        self._pass_turn(u, c)
+
+    def _pass_turn(self, u: bytes, c: Call) -> None:
+        if self.owner.get(u) is not c:
+            return
+        if u not in self.known:  # the copy could not take the commit: the next call catches up first
+            line = self.busy.pop(u, [])
+            del self.owner[u]
+            for nxt in line:
+                if not nxt.done:
+                    self.admit(nxt)
             return
         line = self.busy[u]
         while line:
@@ -176,8 +195,66 @@ class Sessions:
         return Txn(self.store, c.unit)
 
     def commit(self, c: Call, changes: list[tuple[Change, bytes]], body: bytes, done: Done) -> None:
-        """Append ``c``'s changes to its unit's log, apply them here; then ``done(c, outcome, body)``."""
-        asyncio.get_running_loop().create_task(self._commit(c, changes, body, done))
+        """Append ``c``'s changes to its unit's log, apply them here; then ``done(c, outcome, body)``.
+
+        The common case (one message, the log answers at once) runs on callbacks alone; anything
+        else (a retry through an election, a record in parts) goes on in a task.
+        """
+        assert c.txn is not None
+        try:
+            p = self.sync.prepare(c.unit, c.txn.base, c.id, c.method, c.meta.attempt, changes, body)
+        except Exception as e:  # garbage in this node's copy: nothing was appended
+            done(c, ("error", StateError(f"{type(e).__name__}: {e}")), body)
+            return
+        quick = None
+        if len(p.parts) == 1 and isinstance(self.log, JetStreamLog):
+            data, headers = p.parts[0]
+            quick = self.log.quick_append(p.unit, p.expected, data, headers, p.msg_id)
+        if quick is None:
+            asyncio.get_running_loop().create_task(self._commit(c, p, body, done))
+        else:
+            quick.add_done_callback(lambda f: self._quick_acked(c, p, f, body, done))
+
+    def _quick_acked(self, c: Call, p: Pending, f: "asyncio.Future[Any]", body: bytes, done: Done) -> None:
+        assert isinstance(self.log, JetStreamLog)
+        seq = None
+        fenced = False
+        try:
+            got, headers = f.result()
+            seq = self.log.ack_seq(self.log.decode_answer(got, headers))
+        except Fenced:
+            fenced = True
+        except Exception:  # no answer, no leader, a refusal: the task's way decides (and says why)
+            seq = None
+        if seq is not None:
+            self.log.appends += 1
+            entry = self.sync.appended(p, [seq])
+            self._start_apply(c.unit, entry)
+            done(c, ("ok", entry.record.version), body)
+        elif fenced:
+            asyncio.get_running_loop().create_task(self._after_fence(c, body, done))
+        else:
+            asyncio.get_running_loop().create_task(self._commit(c, p, body, done))
+
+    async def _after_fence(self, c: Call, body: bytes, done: Done) -> None:
+        done(c, await self._lost_race(c), body)
+
+    def _start_apply(self, u: bytes, entry: Entry) -> None:
+        """This node's copy takes its own commit (the caller may hear back meanwhile: the log has it);
+        the unit's next call waits for it (``release``)."""
+        applied: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._applying[u] = applied
+        self.committer.submit(Apply(u, [entry], entry.seq, False,
+                                    lambda out: self.rt.post(self._applied, u, entry, applied, out)))
+
+    def _applied(self, u: bytes, entry: Entry, applied: "asyncio.Future[None]", out: Any) -> None:
+        if out[0] != "ok":  # a full disk: the commit stands in the log; the copy catches up before its next call
+            log.error("%s: version %d is in the log but not in this node's copy: %s", K.split_unit(u),
+                      entry.record.version, out[1])
+            self.known.discard(u)
+        if self._applying.get(u) is applied:
+            del self._applying[u]
+        applied.set_result(None)
 
     def verify(self, c: Call, body: bytes, done: Done) -> None:
         """``c`` read state and changed none: answer it only if its copy was current (``done`` as for commit)."""
@@ -186,19 +263,15 @@ class Sessions:
             return
         asyncio.get_running_loop().create_task(self._verify(c, body, done))
 
-    async def _commit(self, c: Call, changes: list[tuple[Change, bytes]], body: bytes, done: Done) -> None:
+    async def _commit(self, c: Call, p: Pending, body: bytes, done: Done) -> None:
         u = c.unit
-        assert c.txn is not None
         outcome: Any
         try:
-            v = await self.sync.commit(u, c.txn.base, c.id, c.method, c.meta.attempt, changes, body,
-                                       c.meta.deadline or 0.0)
-            outcome = ("ok", v)
+            entry = await self.sync.append_prepared(p, c.meta.deadline or 0.0)
+            self._start_apply(u, entry)
+            outcome = ("ok", entry.record.version)
         except Fenced:
             outcome = await self._lost_race(c)
-        except NotApplied as e:  # it is committed: the caller hears so; the copy is caught up next time
-            self.known.discard(u)
-            outcome = ("ok", e.version)
         except Unreachable as e:
             self.known.discard(u)  # whatever happened, the copy must be checked against the log next time
             self.counts["unknown"] += 1
