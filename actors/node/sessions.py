@@ -118,8 +118,9 @@ class Sessions:
             await self.bring_here(u)
         except Unreachable as e:  # retryable: a leader election, a reconnect
             err = (Unavailable, f"cannot catch up session state {K.split_unit(u)} on node {self.name}: {e}")
-        except Exception as e:
-            err = (StateError, f"cannot catch up session state {K.split_unit(u)} on node {self.name}: {e}")
+        except Exception as e:  # StateFull stays StateFull: the operator's cue is the disk
+            kind = type(e) if isinstance(e, StateError) else StateError
+            err = (kind, f"cannot catch up session state {K.split_unit(u)} on node {self.name}: {e}")
         if err is not None:
             log.warning("%s", err[1])
         for c in self._syncing.pop(u, []):
