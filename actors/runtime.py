@@ -701,8 +701,10 @@ class Runtime:
             return
         self._unpend(fut)
         self._disarm(fut)
-        fut._finish(FAILED, DeadlineExceeded("the call's deadline passed", actor=fut.actor,
-                                             method=fut.method, future_id=fut.id))
+        fut._finish(FAILED, DeadlineExceeded(
+            f"the call's deadline passed before its answer came; if a node had it, its outcome is unknown "
+            f"(it may have run): call again with key={fut.id!r} to learn it", actor=fut.actor,
+            method=fut.method, future_id=fut.id))
         self.send(self.subjects.cancel, env.dumps({"ids": [fut.id]}))
 
     def cancel(self, fut: Future[Any]) -> bool:

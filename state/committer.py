@@ -51,15 +51,16 @@ class Apply(Op):
     gap). The outcome is ``("ok", version, sequence)``.
     """
 
-    __slots__ = ("unit", "entries", "upto", "reset", "done")
+    __slots__ = ("unit", "entries", "upto", "reset", "done", "pending")
 
     def __init__(self, unit: bytes, entries: list[Entry], upto: int, reset: bool,
-                 done: Callable[[Any], None]) -> None:
+                 done: Callable[[Any], None], pending: tuple[int, int] | None = None) -> None:
         self.unit = unit
         self.entries = entries
         self.upto = upto
         self.reset = reset
         self.done = done
+        self.pending = pending  # a record seen only in part at the end: where to read again from
 
     def apply(self, store: Store, txn: Any) -> Any:
         u = self.unit
@@ -108,8 +109,15 @@ class Apply(Op):
                                                        "n": r.node, "s": e.seq, "k": r.kind}))
             txn.put(K.future(r.future), orjson.dumps({"u": K.split_unit(u), "v": r.version}) + b"\n" + r.reply)
             _compact(store, txn, u, r.version)
-        if self.upto > h["s"]:  # the start of a record still being appended, or one that never finished
+        p = h.get("p")
+        if p and any(e.first <= p[0] <= e.seq for e in self.entries):
+            del h["p"]  # the record it had seen the start of is here now
+        if self.upto > h["s"]:  # trailing parts: of a record still being appended, or one that never will be
             h["s"] = self.upto
+            if self.pending is not None and self.pending[0] > (self.entries[-1].seq if self.entries else 0):
+                h["p"] = list(self.pending)
+            elif h.get("p") and self.pending is None:
+                del h["p"]
         txn.put(K.head(u), orjson.dumps(h))
         return ("ok", h["v"], h["s"])
 

@@ -353,6 +353,10 @@ class LocalLog:
         self.appends += 1
         return seqs
 
+    def rewind(self, unit: bytes) -> None:
+        """The store could not take the last append: the store's sequence is the truth again."""
+        self._last.pop(unit, None)
+
     async def last(self, unit: bytes) -> Msg | None:
         cur = int(self._head_seq(unit))  # what is applied: there is nothing to read beyond it
         return Msg(cur, {}, b"") if cur else None

@@ -98,30 +98,45 @@ class UnitSync:
                 raise StateError(f"the state log has nothing for {K.split_unit(u)} but this node's copy is at "
                                  f"version {h['v'] if h else 0}: the state stream was deleted or lost")
             return 0
-        if last.seq == have:
+        if last.seq == have and not (h and h.get("p")):
             return 0
         if last.seq < have:
             raise StateError(f"this node's copy of {K.split_unit(u)} is ahead of its log ({have} > {last.seq}): "
                              "the state stream lost messages")
-        base = _int(last.headers.get(H_BASE))  # the latest snapshot the last record was written on
-        read = 0
-        msgs: list[Msg] = []
-        reset = have < base  # what follows the copy is longer than what follows the snapshot
-        if not reset:
-            msgs = await self.log.read(u, have + 1, last.seq)
-            read = len(msgs)
-            reset = not msgs or _prev(msgs[0]) != have
-        if reset:  # a gap, or an empty or old copy: start from the latest snapshot (or the beginning)
-            msgs = await self.log.read(u, base or 1, last.seq)
-            read += len(msgs)
-        entries, skipped = assemble(msgs, None if reset else have)
-        await self.write(Apply(u, entries, last.seq, reset, _ignore))
-        size = sum(len(m.data) for m in msgs)
+        # where the copy's chain goes on: after its last message, or at a record it saw only the start of
+        start, prev = (int(h["p"][0]), int(h["p"][1])) if h and h.get("p") else (have + 1, have)
+        read: list[Msg] = []
+        got = None
+        # a snapshot after that point is the shorter way (a message not appended by a fenced writer
+        # names no base worth trusting; a base is used only if a snapshot is really there)
+        base = _int(last.headers.get(H_BASE)) if _prev(last) >= 0 else 0
+        if base > start:
+            msgs = await self.log.read(u, base, last.seq)
+            read += msgs
+            got = _from_snapshot(assemble_all(msgs, None), base)
+        if got is None:
+            msgs = await self.log.read(u, start, last.seq)
+            read += msgs
+            if _chains(msgs, prev):
+                got = (assemble_all(msgs, prev), False)
+            else:  # a gap: what the copy lacks was discarded; start over from the latest snapshot kept
+                if start > 1:
+                    msgs = await self.log.read(u, 1, last.seq)
+                    read += msgs
+                a = assemble_all(msgs, None)
+                got = _from_snapshot(a, None)
+                if got is None:
+                    raise StateError(f"the log of {K.split_unit(u)} no longer holds what this node's copy "
+                                     f"lacks (after version {h['v'] if h else 0}), and no snapshot to start from")
+        a, reset = got
+        pending = a.pending
+        await self.write(Apply(u, a.entries, last.seq, reset, _ignore, pending))
+        size = sum(len(m.data) for m in read)
         c = self.counts
         c["caught_up"] += 1
-        c["read_messages"] += read
+        c["read_messages"] += len(read)
         c["read_bytes"] += size
-        c["skipped"] += skipped
+        c["skipped"] += a.skipped
         return size
 
     # -- committing -----------------------------------------------------------------------------------
@@ -196,12 +211,25 @@ class UnitSync:
         return out[1:]
 
 
-def assemble(msgs: list[Msg], prev: int | None) -> tuple[list[Entry], int]:
-    """The complete records in ``msgs`` (parts joined), and how many messages were skipped.
+class Assembled(NamedTuple):
+    entries: list[Entry]
+    skipped: int
+    pending: tuple[int, int] | None  # a trailing record seen only in part: (its first sequence, the one before)
 
-    A message that does not name the one before it as its base was not appended by a fenced writer
-    (or follows a gap), and one part without the rest is a commit that never finished: both are
-    skipped, and carry no state.
+
+def assemble(msgs: list[Msg], prev: int | None) -> tuple[list[Entry], int]:
+    """The complete records in ``msgs`` (parts joined), and how many messages were skipped."""
+    a = assemble_all(msgs, prev)
+    return a.entries, a.skipped
+
+
+def assemble_all(msgs: list[Msg], prev: int | None) -> Assembled:
+    """The complete records in ``msgs``, the messages skipped, and a trailing record not complete yet.
+
+    A message that does not name the one before it as its base was not appended by a fenced writer,
+    and one part without the rest, followed by something else, is a commit that never finished: both
+    are skipped, and carry no state. The parts at the end may be a commit still being appended: the
+    next catch-up reads them again from its first part.
     """
     entries: list[Entry] = []
     skipped = 0
@@ -209,7 +237,7 @@ def assemble(msgs: list[Msg], prev: int | None) -> tuple[list[Entry], int]:
     for m in msgs:
         p = _prev(m)
         if prev is not None and p != prev:
-            skipped += 1
+            skipped += 1 + len(pending)
             pending = []
             prev = m.seq
             continue
@@ -221,7 +249,7 @@ def assemble(msgs: list[Msg], prev: int | None) -> tuple[list[Entry], int]:
         elif pending and len(pending) == i:
             pending.append(m)
         else:
-            skipped += 1
+            skipped += 1 + len(pending)
             pending = []
             continue
         if i == n - 1:
@@ -233,7 +261,36 @@ def assemble(msgs: list[Msg], prev: int | None) -> tuple[list[Entry], int]:
             else:
                 entries.append(Entry(m.seq, pending[0].seq, n, rec))
             pending = []
-    return entries, skipped
+    return Assembled(entries, skipped, (pending[0].seq, _prev(pending[0])) if pending else None)
+
+
+def _chains(msgs: list[Msg], prev: int) -> bool:
+    """Do ``msgs`` go on from ``prev``? Messages no fenced writer appended (no ``Nalar-Prev``) are
+    passed over; the first that names a base must name ``prev`` or one of those."""
+    seen = {prev}
+    for m in msgs:
+        p = _prev(m)
+        if p < 0:
+            seen.add(m.seq)
+            continue
+        return p in seen
+    return True  # nothing but garbage after the copy: nothing to apply, no gap
+
+
+def _from_snapshot(a: Assembled, at: int | None) -> tuple[Assembled, bool] | None:
+    """``a`` from its latest snapshot on (one that starts at ``at``, if given), to apply over an empty
+    copy; or from its first record if that is version 1. None if neither is there."""
+    for k in range(len(a.entries) - 1, -1, -1):
+        e = a.entries[k]
+        if e.record.kind == SNAPSHOT and (at is None or e.first == at):
+            return Assembled(a.entries[k:], a.skipped, a.pending), True
+        if at is not None and e.first < at:
+            break
+    if at is None and a.entries and a.entries[0].record.version == 1:
+        return a, True
+    if at is None and not a.entries and a.pending is not None:  # only the start of a first record
+        return a, False
+    return None
 
 
 def _prev(m: Msg) -> int:

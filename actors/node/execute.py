@@ -189,9 +189,14 @@ class Executor:
             self.respond(c, False, env.encode_error(wire), wire)
 
     def _rerun(self, c: Call) -> None:
-        if not c.done:
-            assert self.queue is not None
-            self.queue.enqueue(c)
+        if c.done:
+            return
+        if c.meta.deadline and time.time() >= c.meta.deadline:  # nothing committed, and none will be
+            self.fail(c, DeadlineExceeded, "the call's deadline passed while it waited to run again "
+                      "(another node committed its session first); nothing was committed")
+            return
+        assert self.queue is not None
+        self.queue.enqueue(c)
 
     # -- answering ----------------------------------------------------------------------------------
     def fail(self, c: Call, err: type[RemoteError], message: str) -> None:

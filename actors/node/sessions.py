@@ -17,17 +17,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any, Callable
 
 from ...bus import envelope as env
-from ...bus.errors import Conflict, StateError, Unavailable
+from ...bus.errors import Conflict, DeadlineExceeded, StateError, StateFull, Unavailable
 from ...state import keys as K
 from ...state.committer import Apply, Committer, Entry
 from ...state.log import Fenced, JetStreamLog, LocalLog, UnitLog, Unreachable
 from ...state.managed import Txn
 from ...state.record import Change
 from ...state.store import Store
-from ...state.sync import Pending, UnitSync
+from ...state.sync import NotApplied, Pending, UnitSync
 from ..runtime import Runtime
 from .calls import Answer, Call, Queue
 
@@ -202,6 +203,10 @@ class Sessions:
         else (a retry through an election, a record in parts) goes on in a task.
         """
         assert c.txn is not None
+        if c.meta.deadline and time.time() >= c.meta.deadline:  # its caller has given up: commit nothing
+            done(c, ("error", DeadlineExceeded("the call's deadline passed before its commit; nothing was "
+                                               "committed")), body)
+            return
         try:
             p = self.sync.prepare(c.unit, c.txn.base, c.id, c.method, c.meta.attempt, changes, body)
         except Exception as e:  # garbage in this node's copy: nothing was appended
@@ -225,7 +230,7 @@ class Sessions:
             seq = self.log.ack_seq(self.log.decode_answer(got, headers))
         except Fenced:
             fenced = True
-        except Exception:  # no answer, no leader, a refusal: the task's way decides (and says why)
+        except (Exception, asyncio.CancelledError):  # no answer, no leader, a refusal: the task's way decides
             seq = None
         if seq is not None:
             self.log.appends += 1
@@ -269,7 +274,14 @@ class Sessions:
         outcome: Any
         try:
             entry = await self.sync.append_prepared(p, c.meta.deadline or 0.0)
-            self._start_apply(u, entry)
+            if isinstance(self.log, LocalLog):  # no log: this copy is the only one, so it must hold first
+                try:
+                    await self.sync.apply(u, entry)
+                except NotApplied as e:
+                    self.log.rewind(u)
+                    raise StateFull(f"this node's state store cannot take the commit: {e}") from None
+            else:
+                self._start_apply(u, entry)
             outcome = ("ok", entry.record.version)
         except Fenced:
             outcome = await self._lost_race(c)
