@@ -512,3 +512,90 @@ def test_a_stateful_call_into_its_own_session_fails_fast(start_node, client):
     start_node("sample_actors:SelfCaller")
     with pytest.raises(nalar.RemoteError, match="would wait for itself"):
         client.stub("SelfCaller").options(session="me", timeout=60).outer().result(20)
+
+
+# -- regressions: a full store in local mode; deadlines under contention -------------------------------------
+def test_local_mode_a_commit_a_full_store_cannot_take_fails_and_the_unit_goes_on(tmp_path, monkeypatch):
+    """No JetStream: the LMDB copy is all there is, so a commit it cannot take must fail (StateFull), not
+    be acknowledged and lost; and the local log must not be left ahead of the store (every later commit
+    refused as a conflict)."""
+    from sample_actors import Counter
+
+    monkeypatch.setenv("NALAR_STATE_MAX_MAP", str(4 * 1024 * 1024))
+    d = str(tmp_path / "state")
+    u = K.unit("s", "Counter")
+    with nalar.local(Counter, state_dir=d) as app:
+        c = app.stub(Counter).options(session="s", timeout=20)
+        assert c.incr().result(20) == 1
+        acked = 1
+        stored = None
+        full = None
+        for i in range(12):  # 1.5 MB values into a 4 MiB map: one of them does not fit
+            try:
+                stored = c.put_blob(1_500_000 + i).result(20)
+                acked += 1
+            except nalar.StateFull as e:
+                full = e
+                break
+        assert full is not None, "the store never filled up"
+        assert stored is not None  # at least one blob fitted before
+        assert c.blob().result(20) == {"len": stored, "sum": stored}  # the failed commit left nothing
+        assert c.incr().result(20) == 2 and c.incr().result(20) == 3  # smaller commits still land
+        assert c.note("after").result(20) == 1
+        acked += 3
+        assert app.node is not None and app.node.sessions is not None
+        store = app.node.sessions.store
+        assert [e["version"] for e in store.log(u)] == list(range(1, acked + 1))  # one version per acknowledged call
+        st = app.status()[0]["state"]
+        assert st["conflicts"] == 0
+    with nalar.local(Counter, state_dir=d) as app:  # and that is what the store kept
+        c = app.stub(Counter).options(session="s", timeout=20)
+        assert c.get().result(20) == 3 and c.notes().result(20) == ["after"]
+        assert c.blob().result(20) == {"len": stored, "sum": stored}
+        assert c.incr().result(20) == 4
+
+
+def test_a_call_that_failed_its_deadline_saying_nothing_committed_has_no_effect(start_node, client, nats_url,
+                                                                                 namespace):
+    """Homes off, three nodes, one session, many calls at once with short deadlines (conflicts and
+    re-runs): a call that failed with DeadlineExceeded saying nothing committed (no "unknown" in it)
+    never has its effect in the state; every call answered ok has it exactly once."""
+    import collections
+
+    off = {"NALAR_SESSION_HOMES": "off"}
+    for n in ("d1", "d2", "d3"):
+        start_node("sample_actors:Counter", name=n, env=off)
+    clients = [client] + [nalar.connect(nats_url, namespace) for _ in range(3)]
+    timeouts = (0.02, 0.05, 0.1, 0.3)
+    outcome: dict[str, str] = {}
+    try:
+        end = time.monotonic() + 3.0
+        i = 0
+        while time.monotonic() < end:
+            futs = []
+            for j, cl in enumerate(clients):
+                for k, to in enumerate(timeouts):
+                    tok = f"c{j}:{i}:{k}"
+                    futs.append((tok, cl.stub("Counter").options(session="D", timeout=to).note(tok)))
+            for tok, f in futs:
+                try:
+                    f.result(30)
+                    outcome[tok] = "ok"
+                except nalar.DeadlineExceeded as e:
+                    outcome[tok] = "unknown" if "unknown" in str(e) else "nothing"
+                except Exception as e:  # any other failure is recorded, and fails the test below
+                    outcome[tok] = f"{type(e).__name__}: {e}"
+            i += 1
+        final = client.stub("Counter").options(session="D", timeout=30).notes().result(60)
+    finally:
+        for cl in clients[1:]:
+            cl.close()
+    kinds = collections.Counter(o if o in ("ok", "unknown", "nothing") else "other" for o in outcome.values())
+    assert kinds["other"] == 0, [o for o in outcome.values() if o not in ("ok", "unknown", "nothing")][:5]
+    assert kinds["ok"] > 0 and kinds["nothing"] > 0, kinds  # both happened, or the test shows nothing
+    applied_anyway = [t for t in final if outcome[t] == "nothing"]
+    assert not applied_anyway, (len(applied_anyway), kinds)
+    counts = collections.Counter(final)
+    assert all(n == 1 for n in counts.values())  # nothing applied twice
+    assert {t for t, o in outcome.items() if o == "ok"} <= set(final)  # nothing acknowledged lost
+    assert set(final) <= {t for t, o in outcome.items() if o in ("ok", "unknown")}

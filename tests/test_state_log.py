@@ -21,6 +21,7 @@ from nalar.bus import envelope as env
 from nalar.bus.connection import ConnectOptions, open_connection
 from nalar.bus.transport import NatsTransport
 from nalar.state import keys as K
+from nalar.state import log as L
 from nalar.state import record as R
 from nalar.state import sync as S
 from nalar.state.committer import Committer
@@ -600,3 +601,144 @@ def test_a_txn_records_appends_as_deltas_and_everything_else_in_full(tmp_path):
         assert got == {"fresh": (R.SET, b"[1]", b"[1]"), "v": (R.SET, b"2", b"2")}
     finally:
         store.close()
+
+
+# -- i. regressions: catching up while a record is in parts, forged headers, garbage at the end -------------
+async def _append_in_parts(p: Peer, u: bytes, txn: Txn, fid: str,
+                           between: Callable[[int, int], Any]) -> Any:
+    """Append ``txn``'s commit part by part, as ``UnitSync.append`` does, awaiting ``between(i, n)`` after
+    part ``i`` of ``n`` is in the log; the entry (not applied to ``p``'s copy yet)."""
+    pend = p.sync.prepare(u, txn.base, fid, "m", 0, txn.changes(), b"null")
+    assert len(pend.parts) >= 3  # a record in several parts, or the test shows nothing
+    subject = p.log.subject(u)
+    prev = pend.expected
+    seqs: list[int] = []
+    for i, (data, headers) in enumerate(pend.parts):
+        seq = await p.log._append_one(subject, data, p.log.headers_for(headers, prev, f"{pend.msg_id}:{i}"),
+                                      time.time() + 30)
+        seqs.append(seq)
+        prev = seq
+        await between(i, len(pend.parts))
+    return p.sync.appended(pend, seqs)
+
+
+async def _versions(p: Peer, u: bytes) -> list[int]:
+    entries, skipped = await p.records(u)
+    assert skipped == 0
+    return [e.record.version for e in entries]
+
+
+@pytest.mark.parametrize("after_part", [0, 1])
+async def test_a_catch_up_between_the_parts_of_a_record_then_gets_the_whole_record(peers, after_part):
+    """Node b catches up while a's record is half in the log: it must read that record again from its
+    first part later (not treat the half it saw as done), so it never commits a second version 2."""
+    a, b = await peers("a", 1024), await peers("b", 1024)
+    u = K.unit("mid", "A")
+    assert await a.call(u, _set("n", "v1"), fid="fa1") == 1
+    await b.sync.catch_up(u)
+    assert b.state(u) == a.state(u)
+    big = "x" * 2500
+    seen_mid: list[tuple[int, int, dict[str, Any]]] = []
+
+    async def between(i: int, n: int) -> None:
+        if i == after_part:
+            await b.sync.catch_up(u)  # b sees only the first part(s) of a's version 2
+            seen_mid.append(b.state(u))
+
+    entry = await _append_in_parts(a, u, a.txn(u, _set("n", big)), "fa2", between)
+    await a.sync.apply(u, entry)
+    assert a.state(u)[:2] == (2, entry.seq) and a.state(u)[2]["n"] == big
+    assert seen_mid and seen_mid[0][0] == 1 and seen_mid[0][2] == {"n": "v1"}  # nothing of the half applied
+    await b.sync.catch_up(u)
+    assert b.state(u) == a.state(u)  # the complete record: version 2, a's objects
+    assert b.store.find_future("fa2") is not None and b.store.find_future("fa2")[0]["v"] == 2
+    assert b.sync.counts["skipped"] == 0
+    assert await b.call(u, _set("other", 1), fid="fb3") == 3  # v + 1, not a second version 2
+    assert await _versions(a, u) == [1, 2, 3]  # strictly consecutive in the log
+    c = await peers("c", 1024)
+    await c.sync.catch_up(u)  # a fresh node reads the whole log without a "jump" error
+    assert c.state(u) == b.state(u) and c.state(u)[2] == {"n": big, "other": 1}
+    await a.sync.catch_up(u)
+    assert a.state(u) == b.state(u)
+
+
+async def test_a_nodes_own_record_is_applied_after_catch_ups_during_and_after_its_parts(peers):
+    """A node's own acknowledged commit is not skipped because catch-ups (mid-record and after the last
+    part) ran before it applied it."""
+    a = await peers("a", 1024)
+    u = K.unit("own", "A")
+    assert await a.call(u, _set("n", "v1"), fid="fa1") == 1
+    big = "y" * 2500
+
+    async def between(i: int, n: int) -> None:
+        if i == 0 or i == n - 1:  # e.g. `nalar state show` while the commit is in parts, and once more after
+            await a.sync.catch_up(u)
+
+    entry = await _append_in_parts(a, u, a.txn(u, _set("n", big)), "fa2", between)
+    await a.sync.apply(u, entry)  # the caller is told ok
+    assert a.state(u)[:2] == (2, entry.seq) and a.state(u)[2]["n"] == big
+    got = a.store.find_future("fa2")
+    assert got is not None and got[0]["v"] == 2
+    assert await a.call(u, _set("m", 1), fid="fa3") == 3
+    assert await _versions(a, u) == [1, 2, 3]
+    fresh = await peers("fresh", 1024)
+    await fresh.sync.catch_up(u)
+    assert fresh.state(u) == a.state(u)
+
+
+@pytest.mark.parametrize("forged", ["prev-and-huge-base", "huge-base-no-prev", "base-on-a-delta"])
+async def test_a_forged_base_header_on_the_last_message_does_not_wipe_the_unit(peers, forged):
+    a = await peers("a")
+    u = K.unit("forge", "A")
+    for i in range(5):
+        assert await a.call(u, _append("l", i), fid=f"k{i}") == i + 1
+    last = await a.log.last(u)
+    headers = {"prev-and-huge-base": {H_PREV: str(last.seq), H_BASE: "999999"},
+               "huge-base-no-prev": {H_BASE: "999999"},
+               "base-on-a-delta": {H_PREV: str(last.seq), H_BASE: "3"}}[forged]  # a base that is no snapshot
+    await a.js.publish(a.log.subject(u), b"garbage", headers=headers)
+    b = await peers("b")
+    await b.sync.catch_up(u)
+    assert b.state(u)[0] == 5 and b.state(u)[2] == {"l": [0, 1, 2, 3, 4]}  # the real state, not an empty copy
+    assert b.store.find_future("k0") is not None
+    await a.sync.catch_up(u)
+    assert a.state(u) == b.state(u)
+    assert await a.call(u, _append("l", "new"), fid="knew") == 6  # the sequence goes on
+    assert await b.call(u, _append("l", "b"), fid="kb") == 7
+    await a.sync.catch_up(u)
+    assert a.state(u) == b.state(u) and a.state(u)[2]["l"] == [0, 1, 2, 3, 4, "new", "b"]
+    entries, _ = await a.records(u)
+    assert [e.record.version for e in entries] == list(range(1, 8))
+    c = await peers("c")
+    await c.sync.catch_up(u)
+    assert c.state(u) == a.state(u)
+
+
+async def test_headerless_garbage_after_the_last_record_is_skipped_by_a_current_copy(peers, monkeypatch):
+    """Older messages discarded (no snapshot to start over from): a current copy must pass over the
+    garbage that follows it, not take it for a gap."""
+    monkeypatch.setattr(L, "MAX_PER_UNIT", 20)  # stands in for 4096: the same path, less to write
+    a, b = await peers("a"), await peers("b")
+    u = K.unit("wedge", "A")
+    for i in range(30):
+        await a.call(u, _append("l", i), fid=f"w{i}")
+        if i % 5 == 4:
+            await b.sync.catch_up(u)  # b follows the log while it still chains on b's copy
+    assert a.sync.counts["snapshots"] == 0
+    msgs = await a.log.read(u, 1, (await a.log.last(u)).seq)
+    assert msgs[0].seq > 1  # the first records are gone from the log
+    assert b.state(u) == a.state(u)
+    await a.js.publish(a.log.subject(u), b"garbage")  # no headers at all
+    for p in (a, b):
+        read, skipped = p.sync.counts["read_messages"], p.sync.counts["skipped"]
+        await p.sync.catch_up(u)  # no StateError
+        assert p.state(u)[0] == 30 and p.state(u)[2]["l"] == list(range(30))
+        assert p.sync.counts["read_messages"] - read == 1  # just the garbage, no start over
+        assert p.sync.counts["skipped"] - skipped == 1
+    assert await a.call(u, _append("l", "x"), fid="wx") == 31
+    assert await b.call(u, _append("l", "y"), fid="wy") == 32
+    await a.sync.catch_up(u)
+    assert a.state(u) == b.state(u) and a.state(u)[2]["l"] == [*range(30), "x", "y"]
+    entries, skipped = await a.records(u)
+    vs = [e.record.version for e in entries]
+    assert vs == list(range(vs[0], 33)) and skipped <= 1

@@ -242,6 +242,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         names = [f"src-{tag}", f"dst-{tag}"]
         for n in names:
             children.append(state_node(url, ns, n, os.path.join(base, n)))
+        # until every process has heard both nodes' heartbeats, a session's home is not settled
+        t_hb = time.monotonic()
+        while len(client.runtime.serving(ACTOR)) < 2 and time.monotonic() - t_hb < 10:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.5)  # one more heartbeat: the nodes have heard each other too
         mig, migrate_ok = await catch_ups(client, names, tag, args.migrations)
         for c in children:
             c.stop()
