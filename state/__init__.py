@@ -13,6 +13,7 @@ Where things live (it imports only ``bus``):
     committer.py   group commit: one writer thread, one LMDB transaction per batch of log entries
     sync.py        committing through the log, catching up from it, snapshots
     managed.py     managed lists, dicts and values, and the call's ``Txn`` that records their changes
+    upgrade.py     reading a store written before the log, so a node upgraded in place loses nothing
 """
 from .committer import Apply, Committer, Drop, Entry
 from .log import Fenced, JetStreamLog, LocalLog, UnitLog, Unreachable

@@ -130,9 +130,9 @@ class Store:
             if got is None and txn.stat()["entries"] == 0:
                 txn.put(K.LAYOUT_KEY, K.LAYOUT)
                 return
-        raise StateError(f"the state store at {os.path.basename(self.path)!r} was written by an older nalar "
-                         f"(layout {got!r}, this one reads {K.LAYOUT!r}); move it aside: this node catches its "
-                         "sessions up from the log")
+        raise StateError(f"the state store at {os.path.basename(self.path)!r} has layout {got!r}; this nalar "
+                         f"reads {K.LAYOUT!r} (a node sets a layout-1 store aside and moves its units into the "
+                         "log when it starts; move this one aside by hand)")
 
     def close(self) -> None:
         with self._lock.exclusive():

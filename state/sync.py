@@ -20,9 +20,10 @@ from typing import Any, Callable, NamedTuple
 from ..bus.errors import StateError
 from . import keys as K
 from .committer import Apply, Committer, Entry, Op
-from .log import H_BASE, H_PART, H_PREV, Msg, UnitLog
+from .log import H_BASE, H_PART, H_PREV, Fenced, Msg, UnitLog
 from .record import DELTA, SET, SNAPSHOT, Change, Record, decode, encode
 from .store import Store
+from .upgrade import OldUnit
 
 log = logging.getLogger("nalar.state")
 #: ``post(fn, *args)``: run ``fn(*args)`` on the loop soon, from any thread.
@@ -198,6 +199,29 @@ class UnitSync:
             log.error("%s: version %d is in the log but not in this node's copy: %s", K.split_unit(u),
                       entry.record.version, e)
             raise NotApplied(entry.record.version, e) from None
+
+    async def seed(self, old: OldUnit) -> bool:
+        """Put a unit from a store written before the log into the log, as a snapshot, and apply it
+        here; False (nothing written) if the log already has the unit: then it is newer."""
+        u = old.unit
+        if await self.log.last(u) is not None:
+            return False
+        fid = f"nalar-upgrade:{self.node}:{u.hex()[:96]}"
+        writes = [Change(name, SET, data) for name, data in sorted(old.objects.items())]
+        futures = _bounded(old.futures[-(self.store.history - 1):])
+        rec = Record(max(1, old.version), fid, "(upgrade)", 0, self.node, SNAPSHOT, writes, b"null", futures,
+                     round(time.time(), 6))
+        data = encode(rec)
+        size = self.max_message
+        chunks = [data[i:i + size] for i in range(0, len(data), size)] or [b""]
+        n = len(chunks)
+        parts = [(c, {H_BASE: "0", H_PART: f"{i}/{n}"} if n > 1 else {H_BASE: "0"}) for i, c in enumerate(chunks)]
+        try:
+            seqs = await self.log.append(u, 0, parts, fid, time.time() + 60)
+        except Fenced:  # another node put it there first
+            return False
+        await self.write(Apply(u, [Entry(seqs[-1], seqs[0], n, rec)], seqs[-1], False, _ignore))
+        return True
 
     async def write(self, op: Op) -> Any:
         loop = asyncio.get_running_loop()

@@ -13,6 +13,7 @@ import time
 import lmdb
 import orjson
 import pytest
+from pathlib import Path
 
 import nalar
 from nalar.state import keys as K
@@ -185,8 +186,48 @@ def test_a_store_of_an_older_layout_is_set_aside_not_misread(tmp_path):
     with env.begin(write=True) as txn:
         txn.put(b"hs1\x00A", b'{"v":3,"o":{"n":3}}')  # a unit of the old layout, no layout key
     env.close()
-    with pytest.raises(nalar.StateError, match="older nalar"):
+    with pytest.raises(nalar.StateError, match="has layout None"):
         Store(path)
+
+
+def _layout1_store(path: Path) -> None:
+    """A store as nalar wrote it before the log: a Counter unit at version 3, its future of version 3."""
+    import struct
+
+    v = struct.Struct(">Q")
+    env = lmdb.open(str(path), subdir=True)
+    with env.begin(write=True) as txn:
+        u = b"old-s\x00Counter"
+        txn.put(b"h" + u, b'{"v":3,"o":{"n":3}}')
+        txn.put(b"o" + u + b"\x00n\x00" + v.pack(2), b"2")
+        txn.put(b"o" + u + b"\x00n\x00" + v.pack(3), b"3")
+        txn.put(b"l" + u + b"\x00" + v.pack(3), b'{"f":"old-fut-3","m":"incr","t":1.0,"w":["n"],"s":[],"a":0}')
+        txn.put(b"f" + b"old-fut-3", b'{"u":["old-s","Counter"],"v":3}\n' + env_result(3))
+    env.close()
+
+
+def env_result(value: object) -> bytes:
+    from nalar.bus import envelope
+
+    return envelope.encode_result(value)
+
+
+def test_a_node_upgraded_in_place_puts_its_old_store_into_the_log(start_node, client, tmp_path):
+    path = tmp_path / "state" / "up"
+    path.parent.mkdir(parents=True)
+    _layout1_store(path)
+    start_node("sample_actors:Counter", name="up")
+    c = client.stub("Counter").options(session="old-s")
+    assert c.get().result(30) == 3  # the state it had
+    assert c.incr().result(30) == 4  # and it goes on from there, in the log
+    assert client.state_log("old-s")["units"]["Counter"][-1]["version"] == 4
+    # a retry of a call the old store had committed is still recognised: its answer, no second effect
+    assert client.stub("Counter").options(session="old-s", key="old-fut-3").incr().result(30) == 3
+    assert c.get().result(30) == 4
+    kept = [p for p in path.parent.iterdir() if p.name.startswith("up.layout1-")]
+    assert len(kept) == 1 and (kept[0] / "data.mdb").exists()  # the old store is kept, not deleted
+    start_node("sample_actors:Counter", name="other")  # a node that never had it reads it from the log
+    assert client.stub("Counter").options(session="old-s").get().result(30) == 4
 
 
 # -- the local log (no JetStream): the node's LMDB is the only copy -------------------------------------

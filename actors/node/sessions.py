@@ -29,6 +29,7 @@ from ...state.managed import Txn
 from ...state.record import Change
 from ...state.store import Store
 from ...state.sync import NotApplied, Pending, UnitSync
+from ...state.upgrade import OldUnit, is_old_store, read_old_store
 from ..runtime import Runtime
 from .calls import Answer, Call, Queue
 
@@ -65,6 +66,13 @@ class Sessions:
     @classmethod
     async def open(cls, name: str, rt: Runtime, path: str, queue: Queue, answer: Answer,
                    replicas: int | None = None) -> "Sessions":
+        old: list[OldUnit] = []
+        if is_old_store(path):  # written before the log: set aside, its units go into the log below
+            old = read_old_store(path)
+            aside = f"{path}.layout1-{int(time.time())}"
+            os.rename(path, aside)
+            log.warning("node %s: the state store was written before the log; it is kept at %s and its %d "
+                        "units go into the log (where the log has none of them yet)", name, aside, len(old))
         store = Store(path)
         try:
             js = rt.transport.jetstream()
@@ -80,7 +88,14 @@ class Sessions:
         except BaseException:
             store.close()
             raise
-        return cls(name, rt, store, unit_log, queue, answer)
+        gate = cls(name, rt, store, unit_log, queue, answer)
+        for unit in old:
+            try:
+                await gate.sync.seed(unit)
+            except BaseException:
+                gate.close()
+                raise
+        return gate
 
     def close(self) -> None:
         self.committer.stop()
