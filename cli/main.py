@@ -165,8 +165,8 @@ def _print_status(nodes: list[dict[str, Any]], policy: dict[str, Any] | None = N
               f"malformed {mal}{'  tracing' if n.get('tracing') else ''}")
         st = n.get("state")
         if st:
-            n = st.get("replicas", 1)
-            where = (f"stream {st['stream']}, {n} replica{'s' if n != 1 else ''}" if st.get("stream")
+            reps = st.get("replicas", 1)
+            where = (f"stream {st['stream']}, {reps} replica{'s' if reps != 1 else ''}" if st.get("stream")
                      else "no JetStream: this node's LMDB is the only copy")
             print(f"  state: {st['units']} session units current here, {st['appends']} commits appended "
                   f"({st['conflicts']} lost a race and ran again), caught up {st['caught_up']} times; "
