@@ -103,6 +103,20 @@ def decode_future(data: bytes) -> tuple[dict[str, Any], bytes]:
     return m, body
 
 
+def _log_entries(txn: Any, u: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The unit's version window, oldest first: (version, its log entry)."""
+    pre = K.log_prefix(u)
+    cur = txn.cursor()
+    if cur.set_range(pre):
+        for k, v in cur:
+            if not k.startswith(pre):
+                break
+            e = _json(v, "a log record")
+            if not isinstance(e, dict):
+                raise StateError(f"a log record of {K.split_unit(u)} is not an object")
+            yield K.version_of(k), e
+
+
 class Store:
     """One LMDB environment holding every unit this node holds."""
 
@@ -194,16 +208,7 @@ class Store:
     def recent_futures(self, u: bytes, limit: int) -> list[tuple[str, int, bytes]]:
         """(future id, version, reply) of the unit's last ``limit`` versions known here, oldest first."""
         def scan(txn: Any) -> list[tuple[str, int, bytes]]:
-            fids: list[str] = []
-            pre = K.log_prefix(u)
-            cur = txn.cursor()
-            if cur.set_range(pre):
-                for k, v in cur:
-                    if not k.startswith(pre):
-                        break
-                    e = _json(v, "a log record")
-                    if isinstance(e, dict) and isinstance(e.get("f"), str):
-                        fids.append(e["f"])
+            fids = [e["f"] for _, e in _log_entries(txn, u) if isinstance(e.get("f"), str)]
             out: list[tuple[str, int, bytes]] = []
             for fid in fids[-limit:]:
                 f = txn.get(K.future(fid))
@@ -216,17 +221,9 @@ class Store:
     def log(self, u: bytes) -> list[dict[str, Any]]:
         def scan(txn: Any) -> list[dict[str, Any]]:
             out = []
-            pre = K.log_prefix(u)
-            cur = txn.cursor()
-            if cur.set_range(pre):
-                for k, v in cur:
-                    if not k.startswith(pre):
-                        break
-                    e = _json(v, "a log record")
-                    if not isinstance(e, dict):
-                        raise StateError(f"a log record of {K.split_unit(u)} is not an object")
-                    e["version"] = K.version_of(k)
-                    out.append(e)
+            for version, e in _log_entries(txn, u):
+                e["version"] = version
+                out.append(e)
             return out
         return self.read(scan)
 

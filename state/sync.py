@@ -173,12 +173,15 @@ class UnitSync:
             futures = _bounded(self.store.recent_futures(u, self.store.history - 1))
         rec = Record(version, future, method, attempt, self.node, kind, writes, reply, futures, round(time.time(), 6))
         data = encode(rec)
+        return Pending(u, base["s"], rec, self._parts(data, base["b"]), f"{future}:{version}", len(data))
+
+    def _parts(self, data: bytes, snapshot: int) -> list[tuple[bytes, dict[str, str]]]:
+        """A record's messages: one, or consecutive parts of at most ``max_message`` bytes."""
         size = self.max_message
         chunks = [data[i:i + size] for i in range(0, len(data), size)] or [b""]
         n = len(chunks)
-        b = str(base["b"])
-        parts = [(chunk, {H_BASE: b, H_PART: f"{i}/{n}"} if n > 1 else {H_BASE: b}) for i, chunk in enumerate(chunks)]
-        return Pending(u, base["s"], rec, parts, f"{future}:{version}", len(data))
+        b = str(snapshot)
+        return [(chunk, {H_BASE: b, H_PART: f"{i}/{n}"} if n > 1 else {H_BASE: b}) for i, chunk in enumerate(chunks)]
 
     def appended(self, p: Pending, seqs: list[int]) -> Entry:
         """``p`` is in the log at ``seqs``: its entry (count it)."""
@@ -211,16 +214,11 @@ class UnitSync:
         futures = _bounded(old.futures[-(self.store.history - 1):])
         rec = Record(max(1, old.version), fid, "(upgrade)", 0, self.node, SNAPSHOT, writes, b"null", futures,
                      round(time.time(), 6))
-        data = encode(rec)
-        size = self.max_message
-        chunks = [data[i:i + size] for i in range(0, len(data), size)] or [b""]
-        n = len(chunks)
-        parts = [(c, {H_BASE: "0", H_PART: f"{i}/{n}"} if n > 1 else {H_BASE: "0"}) for i, c in enumerate(chunks)]
         try:
-            seqs = await self.log.append(u, 0, parts, fid, time.time() + 60)
+            seqs = await self.log.append(u, 0, self._parts(encode(rec), 0), fid, time.time() + 60)
         except Fenced:  # another node put it there first
             return False
-        await self.write(Apply(u, [Entry(seqs[-1], seqs[0], n, rec)], seqs[-1], False, _ignore))
+        await self.write(Apply(u, [Entry(seqs[-1], seqs[0], len(seqs), rec)], seqs[-1], False, _ignore))
         return True
 
     async def write(self, op: Op) -> Any:
