@@ -18,7 +18,7 @@ from typing import Any, Callable, TypeVar, overload
 
 import orjson
 
-from .errors import MalformedMessage, PayloadTooLarge
+from .errors import MalformedMessage, PayloadTooLarge, scrub
 
 H_ID = "Nalar-Id"
 H_REQ = "Nalar-Req"
@@ -180,16 +180,28 @@ def encode_result(value: Any) -> bytes:
 
 #: Error messages and tracebacks are cut to this many characters so an error always fits a message.
 MAX_ERROR_TEXT = 16_384
+#: Errors of nested calls an error carries (``chain``), at most.
+MAX_CHAIN = 16
+
+
+def _cut(v: str) -> str:
+    if len(v) <= MAX_ERROR_TEXT:
+        return v
+    return v[:MAX_ERROR_TEXT // 2] + f"\n... [{len(v) - MAX_ERROR_TEXT} characters cut] ...\n" + v[-MAX_ERROR_TEXT // 2:]
 
 
 def encode_error(err: dict[str, Any]) -> bytes:
+    """An error reply's body. Every error leaves a process through here, so this is where its texts
+    lose host details (``errors.scrub``; the chain's too, whoever wrote them) and are cut to size.
+    ``err`` is updated in place, so what a span records of it is what was sent."""
     for key in ("message", "traceback"):
         v = err.get(key)
-        if isinstance(v, str) and len(v) > MAX_ERROR_TEXT:
-            err[key] = v[:MAX_ERROR_TEXT // 2] + f"\n... [{len(v) - MAX_ERROR_TEXT} characters cut] ...\n" + v[-MAX_ERROR_TEXT // 2:]
+        if isinstance(v, str):
+            err[key] = _cut(scrub(v))
     chain = err.get("chain")
-    if isinstance(chain, list) and len(chain) > 16:
-        err["chain"] = chain[:16]
+    if isinstance(chain, list) and chain:
+        err["chain"] = [{**d, **{k: scrub(d[k]) for k in ("message", "traceback") if isinstance(d.get(k), str)}}
+                        if isinstance(d, dict) else d for d in chain[:MAX_CHAIN]]
     return orjson.dumps({"e": err}, default=str)
 
 

@@ -174,6 +174,11 @@ def _drop(txn: Any, u: bytes) -> int:
     return n
 
 
+def _unit_of(op: Op) -> str:
+    u = getattr(op, "unit", None)
+    return str(K.split_unit(u)) if isinstance(u, bytes) else type(op).__name__
+
+
 class Committer:
     """The store's single writer."""
 
@@ -224,8 +229,13 @@ class Committer:
                     raise
                 except Exception as e:  # this op alone fails (garbage, a key too long, ...); the batch goes on
                     child.abort()
-                    err = e if isinstance(e, StateError) else StateError(f"{type(e).__name__}: {e}")
-                    outcomes.append(("error", err))
+                    if isinstance(e, ValueError):  # a bad object name, a garbled value: nalar's and orjson's words
+                        e = StateError(f"{type(e).__name__}: {e}")
+                    elif not isinstance(e, StateError):  # LMDB's and the OS's texts name files: they stay in the log
+                        log.warning("a state write to %s failed: %r", _unit_of(op), e)
+                        e = StateError(f"this node's state store could not take a write ({type(e).__name__}); "
+                                       "nothing of it was written, and the node's log has the details")
+                    outcomes.append(("error", e))
                     continue
                 except BaseException:
                     child.abort()
@@ -247,7 +257,8 @@ class Committer:
             outcomes = [("error", e)]
         except Exception as e:  # a disk error: every op of the batch fails, clearly, and nothing half-applies
             log.exception("state batch failed")
-            outcomes = [("error", StateError(f"the state store failed: {e!r}"))] * len(batch)
+            outcomes = [("error", StateError(f"this node's state store failed ({type(e).__name__}): nothing was "
+                                             "written; the node's log has the details (check its disk)"))] * len(batch)
         self.batches += 1
         self.ops += len(batch)
         for op, out in zip(batch, outcomes):

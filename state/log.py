@@ -23,7 +23,7 @@ from typing import Any, Callable, NamedTuple, Protocol
 
 import orjson
 
-from ..bus.errors import BusError, StateError
+from ..bus.errors import BusError, StateError, scrub
 from ..bus.kv import replica_choices, replicas_wanted
 
 log = logging.getLogger("nalar.state")
@@ -212,7 +212,7 @@ class JetStreamLog:
             self.fenced += 1
             raise Fenced(_last_from(err))
         if err.get("code") not in (503, 500, 408):
-            raise StateError(f"the state log refused an append: {err.get('description')}")
+            raise StateError(f"the state log refused an append: {_said(err, 'an append')}")
         return None
 
     def decode_answer(self, got: bytes, headers: dict[str, str] | None) -> Any:
@@ -280,7 +280,7 @@ class JetStreamLog:
         if err is not None:
             if err.get("err_code") == _NOT_FOUND or err.get("code") == 404:
                 return None
-            raise StateError(f"the state log refused a read: {err.get('description')}")
+            raise StateError(f"the state log refused a read: {_said(err, 'a read')}")
         m = resp["message"]
         headers = _parse_headers(base64.b64decode(m["hdrs"])) if m.get("hdrs") else {}
         data = base64.b64decode(m["data"]) if m.get("data") else b""
@@ -313,6 +313,13 @@ class JetStreamLog:
             except (ValueError, UnicodeDecodeError):
                 continue
         return sorted(out)
+
+
+def _said(err: dict[str, Any], what: str) -> str:
+    """JetStream's refusal as a caller may see it: its code and description without host paths (a
+    store failure's names the server's files); the full answer goes to this node's log."""
+    log.warning("the state log refused %s: %s", what, err)
+    return f"{scrub(str(err.get('description')))} (JetStream error {err.get('err_code')})"
 
 
 def _last_from(err: dict[str, Any]) -> int:

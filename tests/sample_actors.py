@@ -456,3 +456,43 @@ class Ledger(nalar.Agent):
 
     def tokens(self) -> list[str]:
         return list(nalar.managed_list("tokens"))
+
+
+# -- errors whose tracebacks could name the host (tests/test_error_privacy.py) ---------------------------
+def _leaky_helper(depth: int) -> None:
+    """Fails a few frames down, so a traceback has user frames below the method's."""
+    if depth > 0:
+        _leaky_helper(depth - 1)
+        return
+    raise ValueError(f"bad depth {depth}")
+
+
+def _read_config(path: str) -> str:
+    with open(path) as f:  # FileNotFoundError: its message holds the absolute path
+        return f.read()
+
+
+class Leaky(nalar.Tool):
+    """User code failing in the ways a remote traceback can carry host details: a nested helper, a
+    chained cause whose message is an absolute path, a path literal, an exception group."""
+
+    def nested(self) -> None:
+        _leaky_helper(2)
+
+    def chained(self, path: str) -> str:
+        try:
+            return _read_config(path)
+        except OSError as e:
+            raise RuntimeError("the configuration could not be read") from e
+
+    def literal(self) -> None:
+        raise LookupError("nothing at /home/someone/private/notes.txt")
+
+    async def grouped(self) -> None:
+        errs: list[Exception] = []
+        for depth in (0, 1):
+            try:
+                _leaky_helper(depth)
+            except ValueError as e:
+                errs.append(e)
+        raise ExceptionGroup("two helpers failed", errs)

@@ -10,7 +10,8 @@ cancelled call (deadline, the caller's cancel) closes its stream, which makes vL
 server applies the model's own chat template.
 
 Errors: nothing listening is a ``ConnectionError`` naming the URL; a 4xx is a ``ValueError`` with the
-server's message (the request was at fault); a 5xx or a broken stream is a ``RuntimeError``.
+server's message (the request was at fault); a 5xx or a broken stream is a ``RuntimeError``. A URL in
+an error never carries its credentials or query values (``shown_url``): the error goes to callers.
 
 Stats: ``running`` counts this engine's requests in flight. Where the server exports Prometheus
 metrics (vLLM's ``/metrics``), ``stats()`` reads them at most once a second, in the background, and
@@ -23,6 +24,7 @@ import logging
 import os
 import time
 from typing import Any, AsyncIterator
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import httpx
 import orjson
@@ -78,7 +80,8 @@ class OpenAIEngine(Engine):
             got = await self._get_json("/models")
             data = got.get("data") if isinstance(got, dict) else None
             if not isinstance(data, list) or not data or not isinstance(data[0], dict) or "id" not in data[0]:
-                raise RuntimeError(f"{self.base_url}/models lists no model; name one in engine_args['model']")
+                raise RuntimeError(f"{shown_url(self.base_url)}/models lists no model; name one in "
+                                   "engine_args['model']")
             self.model = str(data[0]["id"])
 
     async def stop(self) -> None:
@@ -91,7 +94,7 @@ class OpenAIEngine(Engine):
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
-            raise RuntimeError(f"the engine for {self.base_url} is not started")
+            raise RuntimeError(f"the engine for {shown_url(self.base_url)} is not started")
         return self._client
 
     # -- requests ----------------------------------------------------------------------------------
@@ -105,7 +108,7 @@ class OpenAIEngine(Engine):
         try:
             return orjson.loads(r.content)
         except orjson.JSONDecodeError:
-            raise RuntimeError(f"{url} answered with something that is not JSON: {r.text[:200]!r}") from None
+            raise RuntimeError(f"{shown_url(url)} answered with something that is not JSON: {r.text[:200]!r}") from None
 
     def _body(self, params: SamplingParams) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "max_tokens": params.max_tokens,
@@ -137,7 +140,7 @@ class OpenAIEngine(Engine):
                     try:
                         chunk = orjson.loads(data)
                     except orjson.JSONDecodeError:
-                        raise RuntimeError(f"{url} sent a malformed event: {data[:200]!r}") from None
+                        raise RuntimeError(f"{shown_url(url)} sent a malformed event: {data[:200]!r}") from None
                     if isinstance(chunk, dict) and "error" in chunk:
                         err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": chunk["error"]}
                         code = err.get("code")
@@ -302,7 +305,20 @@ def parse_vllm_metrics(text: str) -> dict[str, float]:
     return out
 
 
+def shown_url(url: str) -> str:
+    """``url`` as an error may show it: no user or password, query values masked (an API key can
+    ride in either). Only on the failure path, so parsed each time."""
+    try:
+        p = urlsplit(url)
+    except ValueError:
+        return "(the engine's URL)"
+    netloc = p.netloc.rpartition("@")[2]
+    query = "&".join(f"{k}=***" for k, _ in parse_qsl(p.query, keep_blank_values=True))
+    return urlunsplit((p.scheme, netloc, p.path, query, ""))
+
+
 def _transport_error(e: httpx.TransportError, url: str) -> Exception:
+    url = shown_url(url)
     if isinstance(e, httpx.TimeoutException):
         return TimeoutError(f"{url} did not answer in time ({type(e).__name__})")
     if isinstance(e, (httpx.ConnectError, httpx.RemoteProtocolError)):
@@ -314,6 +330,7 @@ def _raise_for_status(status: int, content: bytes, url: str) -> None:
     if status < 400:
         return
     message = _server_message(content)
+    url = shown_url(url)
     if 400 <= status < 500:
         raise ValueError(f"{url} refused the request (HTTP {status}): {message}")
     raise RuntimeError(f"{url} failed (HTTP {status}): {message}")

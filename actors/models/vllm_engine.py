@@ -33,6 +33,8 @@ class VllmEngine(Engine):
         if not isinstance(model, str) or not model:
             raise ValueError("vllm: needs a model path or name")
         self.model = model
+        #: how errors name the model: a local directory by its last part (errors go to callers)
+        self.label = model_label(model)
         self.engine_args = dict(engine_args)
         self._llm: Any = None
         self._tokenizer: Any = None
@@ -66,7 +68,7 @@ class VllmEngine(Engine):
         try:
             engine_args = AsyncEngineArgs(model=self.model, **args)
         except TypeError as e:
-            raise ValueError(f"bad vLLM engine argument for {self.model}: {e}") from None
+            raise ValueError(f"bad vLLM engine argument for {self.label}: {e}") from None
         loggers = [_stat_logger_factory(self._on_stats)]
         try:
             # Building the engine blocks (the engine core loads the model and profiles memory); a
@@ -74,7 +76,7 @@ class VllmEngine(Engine):
             # request, which is this one.
             self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, engine_args, stat_loggers=loggers)
         except Exception as e:
-            raise RuntimeError(f"vLLM could not start {self.model!r}: {type(e).__name__}: {e}") from e
+            raise RuntimeError(f"vLLM could not start {self.label!r}: {type(e).__name__}: {e}") from e
         self._max_model_len = int(getattr(self._llm.model_config, "max_model_len", 0) or 0)
         try:
             self._tokenizer = self._llm.get_tokenizer()
@@ -105,7 +107,7 @@ class VllmEngine(Engine):
 
     def _need(self) -> Any:
         if self._llm is None:
-            raise RuntimeError(f"the vLLM engine for {self.model!r} is not running")
+            raise RuntimeError(f"the vLLM engine for {self.label!r} is not running")
         return self._llm
 
     async def _outputs(self, prompt: str, params: SamplingParams) -> AsyncGenerator[tuple[str, Any], None]:
@@ -135,7 +137,7 @@ class VllmEngine(Engine):
         except (asyncio.CancelledError, GeneratorExit, ValueError):
             raise
         except Exception as e:
-            raise _map_error(e, self.model) from e
+            raise _map_error(e, self.label) from e
         finally:
             self._in_flight -= 1
             if not done:
@@ -216,7 +218,7 @@ class VllmEngine(Engine):
         try:
             text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:
-            raise ValueError(f"the chat template of {self.model} refused these messages: {e}") from None
+            raise ValueError(f"the chat template of {self.label} refused these messages: {e}") from None
         # generate() tokenizes with the tokenizer's special tokens (BOS): do not send a second one
         bos = getattr(tok, "bos_token", None)
         if isinstance(bos, str) and bos and text.startswith(bos):
@@ -285,6 +287,13 @@ def _stat_logger_factory(sink: Callable[[Any, Any], None]) -> Callable[..., Any]
             pass
 
     return _Recorder
+
+
+def model_label(model: str) -> str:
+    """A model as an error names it: a Hugging Face id as it is, a local directory by its last part."""
+    if os.path.isabs(model) or model.startswith(("./", "../", "~")):
+        return os.path.basename(os.path.normpath(os.path.expanduser(model))) or "(a local model)"
+    return model
 
 
 def _map_error(e: Exception, model: str) -> Exception:

@@ -88,8 +88,8 @@ class Intake:
             ex.reject(c, DeadlineExceeded, "the call's deadline passed before it arrived")
             return
         if g.queued >= self.max_queue:
-            ex.reject(c, Overloaded, f"actor {g.name!r} on node {book.name} has {g.queued} calls queued "
-                                     f"(max {self.max_queue}); add instances or nodes, or slow the callers down")
+            ex.reject(c, Overloaded, f"actor {g.name!r} has {g.queued} calls queued on the node that took this "
+                                     f"one (max {self.max_queue}); add instances or nodes, or slow the callers down")
             return
         if tracing.TRACER is not None:
             spans.receive(c, book.name)

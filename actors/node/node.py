@@ -35,6 +35,10 @@ from .sessions import Sessions
 log = logging.getLogger("nalar.node")
 
 
+#: What the calls a stopping node still holds are told (its name, by default the host's, stays in its log).
+_STOPPING = "the node serving the call is stopping; call again (another node or a restarted one takes it)"
+
+
 def default_node_name() -> str:
     host = re.sub(r"[^A-Za-z0-9_\-]", "-", socket.gethostname())[:40] or "host"
     return f"{host}-{os.getpid()}"
@@ -188,11 +192,14 @@ class Node:
             except asyncio.TimeoutError:
                 pass
         ex = self.executor
+        if book.active:
+            log.warning("node %s is stopping: cancelling the %d calls it still holds (futures %s)", self.name,
+                        len(book.active), list(book.active)[:20])
         for c in list(book.active.values()):  # still running after the grace period: answer them
-            ex.abort(c, Cancelled, f"node {self.name} is stopping")
+            ex.abort(c, Cancelled, _STOPPING)
         for g in self.groups.values():
             for q in self.scheduler.queued_calls(g):
-                ex.abort(q, Cancelled, f"node {self.name} is stopping")
+                ex.abort(q, Cancelled, _STOPPING)
         ex.wheel.stop()
         await ex.hosting.stop_all(grace)
         if self._ticker is not None:

@@ -21,7 +21,7 @@ import time
 from typing import Any, Callable
 
 from ...bus import envelope as env
-from ...bus.errors import Conflict, DeadlineExceeded, StateError, StateFull, Unavailable
+from ...bus.errors import Conflict, DeadlineExceeded, StateError, StateFull, Unavailable, public_text
 from ...state import keys as K
 from ...state.committer import Apply, Committer, Entry
 from ...state.log import Fenced, JetStreamLog, LocalLog, UnitLog, Unreachable
@@ -132,13 +132,14 @@ class Sessions:
         err: tuple[type[Any], str] | None = None
         try:
             await self.bring_here(u)
-        except Unreachable as e:  # retryable: a leader election, a reconnect
-            err = (Unavailable, f"cannot catch up session state {K.split_unit(u)} on node {self.name}: {e}")
-        except Exception as e:  # StateFull stays StateFull: the operator's cue is the disk
-            kind = type(e) if isinstance(e, StateError) else StateError
-            err = (kind, f"cannot catch up session state {K.split_unit(u)} on node {self.name}: {e}")
-        if err is not None:
-            log.warning("%s", err[1])
+        except Exception as e:
+            # Unreachable is retryable (a leader election, a reconnect); StateFull stays StateFull (the
+            # operator's cue is the disk). The caller hears what happened; the node's name and the full
+            # error stay in its log.
+            kind = Unavailable if isinstance(e, Unreachable) else type(e) if isinstance(e, StateError) else StateError
+            err = (kind, f"cannot catch up session state {K.split_unit(u)}: {public_text(e)}")
+            log.warning("node %s: cannot catch up session state %s (futures %s): %r", self.name, K.split_unit(u),
+                        [c.id for c in self._syncing.get(u, ())], e)
         for c in self._syncing.pop(u, []):
             if c.done:
                 continue
@@ -225,7 +226,7 @@ class Sessions:
         try:
             p = self.sync.prepare(c.unit, c.txn.base, c.id, c.method, c.meta.attempt, changes, body)
         except Exception as e:  # garbage in this node's copy: nothing was appended
-            done(c, ("error", StateError(f"{type(e).__name__}: {e}")), body)
+            done(c, ("error", self._failed(c, "cannot prepare the commit; nothing was committed", e)), body)
             return
         quick = None
         if len(p.parts) == 1 and isinstance(self.log, JetStreamLog):
@@ -309,9 +310,9 @@ class Sessions:
             self.known.discard(u)
             outcome = ("error", e)
         except Exception as e:  # never leave the call hanging
-            log.exception("commit of %s failed", K.split_unit(u))
+            log.exception("future %s: commit of %s failed", c.id, K.split_unit(u))
             self.known.discard(u)
-            outcome = ("error", StateError(f"{type(e).__name__}: {e}"))
+            outcome = ("error", StateError(f"the commit failed: {public_text(e)}"))
         done(c, outcome, body)
 
     async def _verify(self, c: Call, body: bytes, done: Done) -> None:
@@ -319,7 +320,7 @@ class Sessions:
         try:
             last = await self.log.last(c.unit)
         except Exception as e:
-            done(c, ("error", Unavailable(f"cannot check session state against its log: {e}")), body)
+            done(c, ("error", self._failed(c, "cannot check session state against its log", e, Unavailable)), body)
             return
         if (last.seq if last is not None else 0) == c.txn.base["s"]:
             done(c, ("ok", c.txn.base["v"]), body)
@@ -335,12 +336,19 @@ class Sessions:
         except Exception as e:
             self.known.discard(c.unit)
             kind = Unavailable if isinstance(e, Unreachable) else StateError
-            return ("error", kind(f"cannot catch up session state {K.split_unit(c.unit)}: {e}"))
+            return ("error", self._failed(c, f"cannot catch up session state {K.split_unit(c.unit)}", e, kind))
         prior = self.store.find_future(c.id)
         if prior is not None:  # this very future committed elsewhere (a retry): its answer stands
             self.counts["answered_from_log"] += 1
             return ("duplicate", prior[0]["v"], prior[1])
         return ("conflict", Conflict("another node committed this session's state first"))
+
+    def _failed(self, c: Call, what: str, e: Exception,
+                kind: type[StateError] | type[Unavailable] = StateError) -> StateError | Unavailable:
+        """The error ``c``'s caller gets: what happened, without the host details an OS, LMDB or NATS
+        error carries; those go to this node's log at WARNING, with the future id."""
+        log.warning("future %s (%s): %s: %r", c.id, K.split_unit(c.unit), what, e)
+        return kind(f"{what}: {public_text(e)}")
 
     # -- inspection -------------------------------------------------------------------------------------
     async def actors_of(self, session: str) -> list[str]:
