@@ -5,12 +5,12 @@
 """
 from __future__ import annotations
 
-import asyncio
 import os
 from typing import Any, Callable
 
 from ..bus import discovery, envelope as env
 from ..bus.connection import ConnectOptions, open_connection
+from ..bus.errors import BusError
 from ..bus.transport import NatsTransport, is_no_responders
 from .loop import LoopThread
 from .runtime import Runtime, current_runtime, set_default_runtime
@@ -29,13 +29,13 @@ def resolve_namespace(namespace: str | None) -> str:
     return "default"
 
 
-async def gather_status(rt: Runtime, timeout: float = 2.0, quiet: float = 0.3) -> list[dict[str, Any]]:
-    """Ask every node for its status; collect answers until none came for ``quiet`` seconds."""
+async def gather(rt: Runtime, subject: str, timeout: float, quiet: float, what: str) -> list[dict[str, Any]]:
+    """Ask everyone on ``subject``; collect the answers (objects) until none came for ``quiet`` seconds."""
     out: list[dict[str, Any]] = []
 
     def on(data: bytes, headers: dict[str, str] | None) -> bool | None:
         if is_no_responders(data, headers):
-            return True  # no node at all: nothing to wait for
+            return True  # nobody at all: nothing to wait for
         try:
             ok, value = env.decode_reply(data)
         except Exception:
@@ -46,8 +46,25 @@ async def gather_status(rt: Runtime, timeout: float = 2.0, quiet: float = 0.3) -
             return False
         return None
 
-    await rt.scatter(rt.subjects.status, b"{}", on, timeout, quiet)
+    await rt.scatter(subject, b"{}", on, timeout, quiet)
+    if not out:
+        check_permitted(rt, subject, what)
+    return out
+
+
+async def gather_status(rt: Runtime, timeout: float = 2.0, quiet: float = 0.3) -> list[dict[str, Any]]:
+    """Ask every node for its status; collect answers until none came for ``quiet`` seconds."""
+    out = await gather(rt, rt.subjects.status, timeout, quiet, "ask nodes for their status")
     return sorted(out, key=lambda s: str(s.get("node")))
+
+
+def check_permitted(rt: Runtime, subject: str, what: str) -> None:
+    """Silence after a request can be the server refusing it: say so, not "nobody answered"."""
+    refused = getattr(rt.transport, "refused", None)
+    if refused is not None and refused(subject):
+        raise BusError(f"this connection's credential may not {what} ({subject}): the NATS server refused it. "
+                       "Use an operator credential: nalar.connect(role='operator') on the machine of a "
+                       "`nalar up`, or NALAR_NATS_NKEY=operator.nk")
 
 
 class Client:
@@ -71,15 +88,35 @@ class Client:
     async def status_async(self, timeout: float = 2.0) -> list[dict[str, Any]]:
         return await gather_status(self.runtime, timeout)
 
-    async def policy_status_async(self, timeout: float = 1.0) -> dict[str, Any] | None:
-        """The policy actor's status (its policies, rounds and the decisions in force), or ``None``."""
-        from ..bus.errors import UnknownActor
+    async def policy_status_async(self, timeout: float = 1.0, quiet: float = 0.2) -> dict[str, Any] | None:
+        """The leading policy actor's status (its policies, rounds and the decisions in force), or ``None``
+        if no policy actor answered.
 
-        try:
-            got = await self.runtime.request(self.runtime.subjects.policy_status, {}, timeout)
-        except (UnknownActor, asyncio.TimeoutError):
+        Every policy actor of the namespace is asked (answers are collected until none came for
+        ``quiet`` seconds). Added: ``leader`` (its name) and ``term``, ``standbys`` (their names) and
+        ``actors`` (name, role and term of each). If only standbys answer, the first one's status
+        (``role`` says so; ``leader`` is the lease holder they see, if any).
+        """
+        got = await gather(self.runtime, self.runtime.subjects.policy_status, timeout, quiet,
+                           "ask the policy actor for its status")
+        if not got:
             return None
-        return got if isinstance(got, dict) else None
+
+        def term(st: dict[str, Any]) -> int:
+            t = st.get("term")
+            return t if isinstance(t, int) else 0
+
+        deciding = [st for st in got if st.get("role", "single") in ("leader", "single")]
+        pick = max(deciding, key=term) if deciding else got[0]
+        out = dict(pick)
+        if pick in deciding:
+            out["leader"], out["term"] = pick.get("name"), term(pick)
+        else:
+            out["term"] = pick.get("leader_term", 0)
+        out["standbys"] = sorted(str(st.get("name")) for st in got if st.get("role") == "standby")
+        out["actors"] = sorted(({"name": st.get("name"), "role": st.get("role", "single"), "term": term(st)}
+                                for st in got), key=lambda a: (a["role"] != "leader", str(a["name"])))
+        return out
 
     def policy_status(self, timeout: float = 1.0) -> dict[str, Any] | None:
         return self._run(self.policy_status_async(timeout))
@@ -176,31 +213,38 @@ class Client:
 
 async def open_runtime(url: str | None, namespace: str | None, name: str,
                        on_closed: Callable[[], None] | None = None, *, connection_name: str | None = None,
-                       start: bool = True) -> Runtime:
+                       start: bool = True, role: str = "client") -> Runtime:
     """The bootstrap every process shares: a NATS connection, its ``NatsTransport``, a ``Runtime`` on the
     running loop, started.
 
     ``url`` and ``namespace`` default as for ``connect``; ``on_closed`` runs if the connection is lost for
     good; ``connection_name`` is how the server lists it (default ``name``). A node passes
     ``start=False`` to name the runtime's decision table (``table.here``) before it loads decisions.
+    ``role`` (client, operator, node, policy) picks the credential when none is given (``bus/auth.py``).
     """
-    nc = await open_connection(ConnectOptions.resolve(url, name=connection_name or name), on_closed)
-    rt = Runtime(NatsTransport(nc), resolve_namespace(namespace), name=name)
+    ns = resolve_namespace(namespace)
+    opts = ConnectOptions.resolve(url, role=role, namespace=ns, name=connection_name or name)
+    nc = await open_connection(opts, on_closed)
+    rt = Runtime(NatsTransport(nc), ns, name=name, principal=opts.principal())
     if start:
         await rt.start()
     return rt
 
 
-async def _open(url: str | None, namespace: str | None, name: str) -> tuple[Runtime, str]:
-    rt = await open_runtime(url, namespace, name)
+async def _open(url: str | None, namespace: str | None, name: str, role: str) -> tuple[Runtime, str]:
+    rt = await open_runtime(url, namespace, name, role=role)
     return rt, rt.transport.connected_url
 
 
-def connect(url: str | None = None, namespace: str | None = None, *, name: str = "nalar-client") -> Client:
-    """Connect from sync code. ``url`` defaults to ``NALAR_NATS_URL`` or the local ``nalar up``."""
+def connect(url: str | None = None, namespace: str | None = None, *, name: str = "nalar-client",
+            role: str = "client") -> Client:
+    """Connect from sync code. ``url`` defaults to ``NALAR_NATS_URL`` or the local ``nalar up``.
+
+    ``role`` picks which of the local ``nalar up``'s credentials to use when none are in the
+    environment: ``client`` (calls only) or ``operator`` (also status and session state)."""
     lt = LoopThread("nalar-client")
     try:
-        rt, connected = lt.run(_open(url, namespace, name), 30)
+        rt, connected = lt.run(_open(url, namespace, name, role), 30)
     except BaseException:
         lt.stop()
         raise
@@ -210,9 +254,9 @@ def connect(url: str | None = None, namespace: str | None = None, *, name: str =
 
 
 async def connect_async(url: str | None = None, namespace: str | None = None, *,
-                        name: str = "nalar-client") -> Client:
+                        name: str = "nalar-client", role: str = "client") -> Client:
     """Connect on the running loop (no extra thread)."""
-    rt, connected = await _open(url, namespace, name)
+    rt, connected = await _open(url, namespace, name, role)
     c = Client(rt, None, connected)
     c._previous_default = set_default_runtime(rt)
     return c

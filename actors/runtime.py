@@ -25,7 +25,7 @@ from ..bus.subjects import Subjects
 from ..bus.transport import NO_RESPONDERS, STATUS_HEADER, Transport, is_no_responders
 from .context import CallScope, current_scope
 from .deadlines import DeadlineWheel
-from .control import DecisionTable
+from .control import DecisionTable, TermGate, term_of
 from .future import _LOCK, DONE, FAILED, LOOP_THREADS, PENDING, Future
 from .retry import DEFAULT_RETRY, LIVENESS_TIMEOUT, RetryPolicy
 
@@ -123,11 +123,15 @@ _RETRYABLE_KINDS = {"unavailable"}
 class Runtime:
     """Sends calls, resolves their futures from replies, enforces deadlines, propagates cancellation."""
 
-    def __init__(self, transport: Transport, namespace: str = "default", name: str = "client") -> None:
+    def __init__(self, transport: Transport, namespace: str = "default", name: str = "client",
+                 principal: str = "anon") -> None:
         self.transport = transport
         self.subjects = Subjects(namespace)
         self.name = name
-        self.proc = secrets.token_hex(4)
+        #: 64 random bits: future ids and reply subjects start with it, and nobody outside this process
+        #: and the nodes that serve its calls sees it, so it cannot be guessed to cancel or answer them
+        self.proc = secrets.token_hex(8)
+        self.principal = principal
         self.loop: asyncio.AbstractEventLoop | None = None
         self.loop_thread = 0
         self.pending: dict[str, Future[Any]] = {}
@@ -138,7 +142,7 @@ class Runtime:
         #: Replies to ``request``/``scatter``, by token ("q<n>": never a call's token, which is hex).
         self._requests: dict[str, Callable[[bytes, dict[str, str] | None], None]] = {}
         self._qids = itertools.count(1)
-        self._reply_prefix = self.subjects.reply_prefix(self.proc)
+        self._reply_prefix = self.subjects.reply_prefix(principal, self.proc)
         self._plen = len(self._reply_prefix)
         self._out: deque[tuple[str, bytes, dict[str, str] | None, str]] = deque()
         self._draining = False
@@ -158,6 +162,10 @@ class Runtime:
         #: Called with each applied batch's ops and its reply subject (a node enforces them locally).
         self.on_decisions: Callable[[list[Any], str], None] | None = None
         self._reloading = False
+        self.terms = TermGate(self.transport.jetstream, self.subjects.ns, self.counters)  # whose batches to take
+        #: Checks a batch before the table gets it (a node's ``Enforcer.screen``; ``stored``: the KV snapshot):
+        #: the batch to apply, or None.
+        self.screen: Callable[[dict[str, Any], bool], dict[str, Any] | None] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -189,7 +197,8 @@ class Runtime:
 
     # -- decisions ---------------------------------------------------------------------------------
     async def load_decisions(self) -> None:
-        """Take the decisions in force from the policy actor's snapshot (none yet, or no JetStream: none)."""
+        """Take the decisions in force from the policy actor's snapshot (none yet, or no JetStream: none),
+        if its leader's term holds (``control/term.py``)."""
         js = self.transport.jetstream()
         if js is None:
             return
@@ -205,32 +214,65 @@ class Runtime:
         if got is None:
             return
         try:
-            msg = env.decode_json_object(got[0], "policy snapshot")
-            if isinstance(msg.get("v"), int) and msg["v"] > self.table.version:
-                ops = self.table.apply(dict(msg, full=True))
-                if ops and self.on_decisions is not None:
-                    self.on_decisions(ops, "")
+            msg = dict(env.decode_json_object(got[0], "policy snapshot"), full=True)
+            term = term_of(msg)
         except MalformedMessage as e:
             self.count_malformed("policy")
             log.warning("ignoring a malformed policy snapshot: %s", e)
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def apply() -> None:
+            try:
+                if isinstance(msg.get("v"), int) and msg["v"] > self.table.version:
+                    screened = msg if self.screen is None else self.screen(msg, True)
+                    ops = self.table.apply(screened) if screened is not None else None
+                    if ops and self.on_decisions is not None:
+                        self.on_decisions(ops, "")
+            except MalformedMessage as e:
+                self.count_malformed("policy")
+                log.warning("ignoring a malformed policy snapshot: %s", e)
+            finally:
+                if not done.done():
+                    done.set_result(None)
+
+        def refused(why: str) -> None:
+            if not done.done():
+                done.set_result(None)
+
+        self.terms.admit(term, apply, snapshot=True, refused=refused)
+        await done
 
     def _on_policy(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
         try:
             msg = env.decode_json_object(data, "decisions")
-            ops = self.table.apply(msg)
+            term = term_of(msg)
         except MalformedMessage as e:
             self.count_malformed("policy")
             log.warning("ignoring a malformed decision batch: %s", e)
             return
-        if ops is None:
-            if msg["v"] > self.table.version and not self._reloading:  # we missed one: take the snapshot
-                self._reloading = True
-                asyncio.get_running_loop().create_task(self._reload(reply))
-            elif reply and self.on_decisions is not None:  # already applied: say so again (idempotent)
-                self.on_decisions([], reply)
-            return
-        if self.on_decisions is not None:
-            self.on_decisions(ops, reply)
+
+        def apply() -> None:  # once its term holds, in the order batches came
+            try:
+                screened = msg if self.screen is None else self.screen(msg, False)
+                if screened is None:
+                    return  # refused whole (the screen counted it)
+                ops = self.table.apply(screened)
+            except MalformedMessage as e:
+                self.count_malformed("policy")
+                log.warning("ignoring a malformed decision batch: %s", e)
+                return
+            if ops is None:
+                if msg["v"] > self.table.version and not self._reloading:  # we missed one: take the snapshot
+                    self._reloading = True
+                    asyncio.get_running_loop().create_task(self._reload(reply))
+                elif reply and self.on_decisions is not None:  # already applied: say so again (idempotent)
+                    self.on_decisions([], reply)
+                return
+            if self.on_decisions is not None:
+                self.on_decisions(ops, reply)
+
+        self.terms.admit(term, apply)
 
     async def _reload(self, reply: str) -> None:
         try:

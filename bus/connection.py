@@ -4,8 +4,13 @@ Settings come from arguments, else from the environment:
 
 ``NALAR_NATS_URL`` (comma-separated for a cluster), ``NALAR_NATS_TOKEN``, ``NALAR_NATS_USER`` and
 ``NALAR_NATS_PASSWORD``, ``NALAR_NATS_CREDS`` (a .creds file), ``NALAR_NATS_NKEY`` (an nkeys seed
-file), ``NALAR_NATS_TLS_CA`` / ``NALAR_NATS_TLS_CERT`` / ``NALAR_NATS_TLS_KEY``. Without a URL, the
+file) or ``NALAR_NATS_NKEY_SEED`` (the seed itself, as docker-compose passes it), ``NALAR_NATS_TLS_CA`` / ``NALAR_NATS_TLS_CERT`` / ``NALAR_NATS_TLS_KEY``. Without a URL, the
 ``nalar up`` running on this machine is found through its discovery file.
+
+Without any credential in the environment, a process takes its role's credential from
+``$NALAR_HOME/auth/<namespace>/<role>.nk`` if there is one (``nalar up`` and ``nalar auth init`` write
+them), so every command on the machine of a ``nalar up`` connects as what it is: ``nalar node`` as a
+node, ``nalar status`` as an operator, ``nalar.connect()`` as a client.
 """
 from __future__ import annotations
 
@@ -14,16 +19,20 @@ import logging
 import os
 import re
 import ssl
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
 
+from . import auth
 from .discovery import find_running
 from .errors import BusError
+from .subjects import check_token
 
 log = logging.getLogger("nalar.bus")
+PERMISSIONS_ERR = "permissions violation"
 
 
 @dataclass
@@ -34,17 +43,28 @@ class ConnectOptions:
     password: str | None = None
     creds: str | None = None
     nkeys_seed: str | None = None
+    nkeys_seed_str: str | None = None
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
     name: str = "nalar"
     connect_timeout: float = 3.0
+    namespace: str = "default"
+    role: str = "client"
+    #: Where the credential came from, for error messages ("" = none given).
+    source: str = ""
 
     @classmethod
-    def resolve(cls, url: str | None = None, **overrides: Any) -> "ConnectOptions":
-        """Explicit URL, else ``NALAR_NATS_URL``, else the local ``nalar up``; error if none."""
+    def resolve(cls, url: str | None = None, *, role: str = "client", namespace: str = "default",
+                **overrides: Any) -> "ConnectOptions":
+        """Explicit URL, else ``NALAR_NATS_URL``, else the local ``nalar up``; error if none.
+
+        Credentials: explicit ones, else those in the environment, else ``role``'s credential for
+        ``namespace`` under ``$NALAR_HOME/auth`` (unless the local ``nalar up`` runs ``--insecure``).
+        """
         env = os.environ
         url = url or env.get("NALAR_NATS_URL")
+        running = None
         if not url:
             running = find_running()
             if running is None:
@@ -60,6 +80,7 @@ class ConnectOptions:
             password=env.get("NALAR_NATS_PASSWORD"),
             creds=env.get("NALAR_NATS_CREDS"),
             nkeys_seed=env.get("NALAR_NATS_NKEY"),
+            nkeys_seed_str=env.get("NALAR_NATS_NKEY_SEED") or None,
             tls_ca=env.get("NALAR_NATS_TLS_CA"),
             tls_cert=env.get("NALAR_NATS_TLS_CERT"),
             tls_key=env.get("NALAR_NATS_TLS_KEY"),
@@ -67,7 +88,42 @@ class ConnectOptions:
         for k, v in overrides.items():
             if v is not None:
                 setattr(opts, k, v)
+        opts.namespace = check_token(namespace, "namespace")
+        opts.role = role
+        if opts.has_credentials():
+            opts.source = "the NALAR_NATS_* environment"
+        elif not (running is not None and running.get("insecure")):
+            found = auth.Credentials(auth.default_dir(namespace), namespace).for_role(role)
+            if found is not None:
+                opts.nkeys_seed = str(found)
+                opts.source = str(found)
         return opts
+
+    def has_credentials(self) -> bool:
+        return bool(self.token or self.user or self.creds or self.nkeys_seed or self.nkeys_seed_str)
+
+    def principal(self) -> str:
+        """The token that names this connection's inbox: ``nalar.<ns>.r.<principal>.``.
+
+        For an nkey or a .creds file it is derived from the public key (the server's permissions use
+        the same); for a user it is the user name; without credentials (an open server) ``anon``.
+        """
+        override = os.environ.get("NALAR_PRINCIPAL")
+        if override:
+            return check_token(override, "NALAR_PRINCIPAL")
+        if self.nkeys_seed_str:
+            return auth.principal_from_seed(self.nkeys_seed_str)
+        if self.nkeys_seed:
+            return auth.principal_from_seed_file(self.nkeys_seed)
+        if self.creds:
+            return auth.principal_from_creds(self.creds)
+        if self.user:
+            return check_token(self.user, "NATS user name (the token of its reply subjects)")
+        return "anon"
+
+    def inbox_prefix(self) -> str:
+        """nats-py's own inboxes (JetStream API replies) live under this connection's reply prefix."""
+        return f"nalar.{self.namespace}.r.{self.principal()}._i"
 
     def tls_context(self) -> ssl.SSLContext | None:
         if not (self.tls_ca or self.tls_cert or any(s.startswith("tls://") for s in self.servers)):
@@ -86,7 +142,15 @@ class _Client(NatsClient):
 
     nats-py checks each header name for whitespace with a generator over its characters, which was
     the largest single cost of receiving a call; a compiled regex does the same check in C.
+
+    ``denied`` keeps the server's last refusals (publishes and subscriptions its permissions do not
+    allow): the server drops what it refuses and says so only on this connection.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.denied: deque[str] = deque(maxlen=100)
+        self.denied_count = 0
 
     @staticmethod
     def _parse_header_lines(raw: bytes) -> dict[str, str]:
@@ -121,6 +185,13 @@ async def open_connection(opts: ConnectOptions, on_closed: Callable[[], None] | 
             # a rejected certificate or credential will not be accepted on a retry either
             if isinstance(e, (ssl.SSLError, nats.errors.AuthorizationError)):
                 fatal.set()
+        elif PERMISSIONS_ERR in str(e).lower():
+            what = str(e).removeprefix("nats: ")
+            nc.denied_count += 1
+            if what not in nc.denied:
+                log.warning("nats: the server refused this (%s's permissions, namespace %r): %s", opts.role,
+                            opts.namespace, what)
+            nc.denied.append(what)
         elif not (nc.is_closed or nc.is_draining):
             log.warning("nats: %r", e)
 
@@ -148,6 +219,7 @@ async def open_connection(opts: ConnectOptions, on_closed: Callable[[], None] | 
         closed_cb=on_close,
         pending_size=64 * 1024 * 1024,
         flush_timeout=10,
+        inbox_prefix=opts.inbox_prefix(),
     )
     if opts.token:
         kwargs["token"] = opts.token
@@ -156,7 +228,9 @@ async def open_connection(opts: ConnectOptions, on_closed: Callable[[], None] | 
         kwargs["password"] = opts.password
     if opts.creds:
         kwargs["user_credentials"] = opts.creds
-    if opts.nkeys_seed:
+    if opts.nkeys_seed_str:
+        kwargs["nkeys_seed_str"] = opts.nkeys_seed_str
+    elif opts.nkeys_seed:
         kwargs["nkeys_seed"] = opts.nkeys_seed
     tls = opts.tls_context()
     if tls is not None:
@@ -178,9 +252,28 @@ async def open_connection(opts: ConnectOptions, on_closed: Callable[[], None] | 
         except Exception:
             pass
         cause = first_errors[-1] if isinstance(e, asyncio.TimeoutError) and first_errors else e
+        if _refused(cause) or any(_refused(x) for x in first_errors):
+            raise BusError(_refused_message(opts)) from None
         raise BusError(f"cannot connect to NATS at {', '.join(opts.servers)}: {cause!r}") from e
     finally:
         gave_up.cancel()
     nc.options["max_reconnect_attempts"] = -1
     up[0] = True
     return nc
+
+
+def _refused(e: BaseException) -> bool:
+    return isinstance(e, nats.errors.AuthorizationError) or "authorization violation" in str(e).lower()
+
+
+def _refused_message(opts: ConnectOptions) -> str:
+    where = ", ".join(opts.servers)
+    if opts.has_credentials():
+        return (f"NATS at {where} refused the credentials from {opts.source or 'the arguments'} (role "
+                f"{opts.role}, namespace {opts.namespace!r}): they are not among the server's users. Use the "
+                f"credentials of the deployment you connect to (`nalar auth show` where it runs lists them)")
+    return (f"NATS at {where} requires credentials and none were given (role {opts.role}, namespace "
+            f"{opts.namespace!r}). On the machine of a `nalar up` they are found by themselves in "
+            f"{auth.default_dir(opts.namespace)}; elsewhere copy the role's seed file from there (or from "
+            f"`nalar auth init --dir DIR`) and set NALAR_NATS_NKEY=/path/to/{opts.role}.nk "
+            f"(or NALAR_NATS_CREDS / NALAR_NATS_USER and NALAR_NATS_PASSWORD)")

@@ -1,7 +1,7 @@
 """How commands find the ``nalar up`` running on this machine without flags.
 
-``nalar up`` writes ``$NALAR_HOME/up.json`` (default ``~/.nalar``) with its NATS URL, namespace and
-pid, and removes it on exit. A file whose pid is gone is stale and ignored.
+``nalar up`` writes ``$NALAR_HOME/up.json`` (default ``~/.nalar``) with its NATS URL, namespace, pid
+and whether it runs with credentials (where they are), and removes it on exit. A file whose pid is gone is stale and ignored.
 """
 from __future__ import annotations
 
@@ -29,11 +29,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_running(url: str, namespace: str, pid: int | None = None) -> Path:
+def write_running(url: str, namespace: str, pid: int | None = None, *, insecure: bool = False,
+                  auth: str | None = None, server_pid: int | None = None) -> Path:
+    """Say where the local ``nalar up`` is; ``auth`` is its credentials directory (``None``: insecure)."""
     path = _file()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"url": url, "namespace": namespace, "pid": pid or os.getpid()}))
+    tmp.write_text(json.dumps({"url": url, "namespace": namespace, "pid": pid or os.getpid(), "insecure": insecure,
+                               "auth": auth, "server_pid": server_pid}))
     os.replace(tmp, path)
     return path
 

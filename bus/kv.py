@@ -35,11 +35,12 @@ def replica_choices(want: int | None) -> list[int]:
     return [want] if want is not None else [3, 1]
 
 
-async def open_bucket(js: Any, bucket: str, description: str, history: int = 1, create: bool = True) -> Any:
+async def open_bucket(js: Any, bucket: str, description: str, history: int = 1, create: bool = True,
+                      ttl: float | None = None) -> Any:
     """The bucket's handle; creates it if missing (or returns ``None`` if ``create`` is false).
 
-    ``js`` is a JetStream context (``Transport.jetstream()``). Raises ``BusError`` if the server has no
-    JetStream.
+    ``js`` is a JetStream context (``Transport.jetstream()``). ``ttl`` (seconds) makes every entry expire
+    that long after it was last written (a lease). Raises ``BusError`` if the server has no JetStream.
     """
     from nats.js.errors import BucketNotFoundError
 
@@ -51,7 +52,7 @@ async def open_bucket(js: Any, bucket: str, description: str, history: int = 1, 
         for r in replica_choices(replicas_wanted()):
             try:
                 return await js.create_key_value(bucket=bucket, history=history, description=description,
-                                                 replicas=r)
+                                                 replicas=r, ttl=ttl)
             except Exception as e:
                 try:  # another process created it at the same moment
                     return await js.key_value(bucket)
@@ -84,3 +85,12 @@ def policy_bucket(namespace: str) -> str:
 
 #: The key under which the policy actor keeps the decisions in force (a full snapshot).
 POLICY_KEY = "table"
+
+
+def leader_bucket(namespace: str) -> str:
+    """The policy actors' leader lease (one key, ``LEADER_KEY``; entries expire: ``policy/lease.py``)."""
+    return f"nalar_{namespace}_leader"
+
+
+#: The key of the leader lease: ``{"leader": name, "term": term, "t": unix time}``.
+LEADER_KEY = "leader"

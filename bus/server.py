@@ -57,13 +57,14 @@ class EmbeddedNats:
 
     def __init__(self, data_dir: str | None = None, host: str = "127.0.0.1", port: int = -1,
                  jetstream: bool = True, max_payload: int = DEFAULT_MAX_PAYLOAD,
-                 startup_timeout: float = 20.0, extra_config: str = "") -> None:
+                 startup_timeout: float = 20.0, extra_config: str = "", includes: list[str] | None = None) -> None:
         self.host = host
         self.port = port
         self.jetstream = jetstream
         self.max_payload = max_payload
         self.startup_timeout = startup_timeout
         self.extra_config = extra_config  # raw nats-server config lines (auth, TLS, limits)
+        self.includes = list(includes or [])  # config files the server reads (again on a reload: SIGHUP)
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="nalar-nats-")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -80,6 +81,8 @@ class EmbeddedNats:
             lines.append(f'jetstream {{ store_dir: "{store}" }}')
         if self.extra_config:
             lines.append(self.extra_config)
+        for inc in self.includes:  # nats-server takes include paths relative to the including file only
+            lines.append(f'include "{os.path.relpath(inc, self.data_dir)}"')
         conf.write_text("\n".join(lines) + "\n")
         self.proc = subprocess.Popen(
             [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

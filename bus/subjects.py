@@ -6,9 +6,10 @@ subject                         who listens                              what tr
 ``nalar.<ns>.call.<actor>``     every node hosting ``actor`` (queue      a call (envelope below)
                                 group ``<actor>``: one node gets it)
 ``nalar.<ns>.call.<actor>.<n>`` node ``n`` only (routed calls)           a call
-``nalar.<ns>.r.<proc>.<n>``     the process that made future ``n``       the reply to that call
-``nalar.<ns>.r.<proc>.q<n>``    that process (``request``/``scatter``)   the replies to control request n
-``nalar.<ns>.r.<proc>.ack``     that process                             "node X holds calls [n...]"
+``nalar.<ns>.r.<who>.<proc>.<n>``  the process that made future ``n``    the reply to that call
+``nalar.<ns>.r.<who>.<proc>.q<n>``  that process (``request``/``scatter``) the replies to request n
+``nalar.<ns>.r.<who>.<proc>.ack``   that process                        "node X holds calls [n...]"
+``nalar.<ns>.r.<who>._i.<id>``      that credential's nats-py inboxes   JetStream API replies
 ``nalar.<ns>.cancel``           every node                               ids of cancelled futures
 ``nalar.<ns>.status``           every node (scatter/gather)              a node's status as JSON
 ``nalar.<ns>.node.<node>``      one node                                 control requests
@@ -16,7 +17,11 @@ subject                         who listens                              what tr
 ``nalar.<ns>.policy``           every process (nodes reply "applied")    versioned decision batches
 ``nalar.<ns>.metrics``          every node (scatter/gather)              a node's compact metrics
 ``nalar.<ns>.policy.status``    the policy actor                         its rounds and decisions
+``nalar.<ns>.state.<s>.<a>``    JetStream (stream ``nalar_<ns>_state``)  session state, per unit
 ==============================  =======================================  ==========================
+
+``<who>`` is the principal of the process's credential (``bus/auth.py``): under authentication only
+that credential may subscribe to ``nalar.<ns>.r.<who>.>``, so replies reach only who asked.
 """
 from __future__ import annotations
 
@@ -48,8 +53,9 @@ class Subjects:
         """One node's own subject for ``actor``: where routed calls go."""
         return f"{self.prefix}call.{actor}.{node}"
 
-    def reply_prefix(self, proc: str) -> str:
-        return f"{self.prefix}r.{proc}."
+    def reply_prefix(self, principal: str, proc: str) -> str:
+        """Where one process's replies arrive: under its credential's principal, then its own id."""
+        return f"{self.prefix}r.{principal}.{proc}."
 
     @property
     def cancel(self) -> str:

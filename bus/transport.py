@@ -107,6 +107,12 @@ class NatsTransport:
             self._js = self.nc.jetstream()
         return self._js
 
+    def refused(self, subject: str) -> bool:
+        """Has the server refused a publish to ``subject`` on this connection (its permissions)?"""
+        denied = getattr(self.nc, "denied", ())
+        what = f'publish to "{subject}"'.lower()
+        return any(what in d.lower() for d in denied)
+
     async def close(self) -> None:
         if not self.nc.is_closed:
             try:

@@ -1,4 +1,4 @@
-"""The ``nalar`` command: up, node, call, status, bench."""
+"""The ``nalar`` command: up, node, policy, call, status, state, auth, nats, bench."""
 from __future__ import annotations
 
 import argparse
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--data-dir", default=None, help="JetStream data directory (default: a temporary one)")
     _policy_args(up)
     _replicas_arg(up)
+    up.add_argument("--insecure", action="store_true",
+                    help="run NATS without credentials: anyone who can reach it can do anything (tests only)")
 
     node = sub.add_parser("node", help="serve actor classes against a NATS server")
     node.add_argument("actors", nargs="*", metavar="module:Class[=N]", help="actor classes and instance counts")
@@ -60,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pol = sub.add_parser("policy", help="run the policy actor: gather metrics, run policies, broadcast decisions")
     _policy_args(pol)
+    pol.add_argument("--name", default=None,
+                     help="this policy actor's name, as `nalar status` shows it (default: HOST-PID)")
     _nats_args(pol)
 
     call = sub.add_parser("call", help="call ACTOR.METHOD and print the result as JSON")
@@ -89,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--from", dest="src", required=True, metavar="NODE")
     mg.add_argument("--to", dest="dst", required=True, metavar="NODE")
     _nats_args(mg)
+
+    from . import auth as auth_cli, nats as nats_cli
+
+    auth_cli.add_parser(sub)
+    nats_cli.add_parser(sub)
 
     bench = sub.add_parser("bench", help="benchmarks (see README)")
     bench.add_argument("what", choices=["calls", "futures", "state", "control", "analyst", "router", "swe"])
@@ -151,6 +160,16 @@ def _print_status(nodes: list[dict[str, Any]], policy: dict[str, Any] | None = N
         last = policy.get("last_round") or {}
         print(f"policy actor  {', '.join(policy['policies']) or 'no policies'}  every {policy['interval_s']:g}s  "
               f"round {policy['rounds']}  last {last.get('round_ms', '-')} ms  errors {len(policy['errors'])}")
+        role = policy.get("role", "single")
+        standbys = ", ".join(policy.get("standbys") or []) or "none"
+        if role == "leader":
+            print(f"  leader {policy.get('name')} (term {policy.get('term')}), standbys: {standbys}")
+        elif role == "standby":
+            held = policy.get("leader")
+            print(f"  no leader answered{f' (the lease names {held})' if held else ''}; standbys: {standbys}")
+        else:
+            print(f"  {policy.get('name', 'the policy actor')} decides alone (no JetStream: no election)"
+                  + (f"; also answering: {standbys}" if policy.get("standbys") else ""))
         _print_decisions(d)
         for r in policy.get("refused", [])[-3:]:
             print(f"  refused: {r}")
@@ -173,6 +192,11 @@ def _print_status(nodes: list[dict[str, Any]], policy: dict[str, Any] | None = N
                   f"log: {where}; store {st['path']}")
         ctl = n.get("control") or {}
         if ctl:
+            refused = ctl.get("refused") or {}
+            if refused:
+                print(f"  refused decisions (term {ctl.get('term', 0)}): "
+                      + ", ".join(f"{k} {v}" for k, v in sorted(refused.items()))
+                      + "".join(f"\n    {why}" for why in list((ctl.get("refusals") or {}).values())[-3:]))
             errs = ctl.get("errors") or {}
             print(f"  control: decisions v{ctl.get('applied_version', 0)}, migrated {ctl.get('migrated', 0)}, "
                   f"provisioned {ctl.get('provisioned', 0)}, killed {ctl.get('killed', 0)}, forwarded "
@@ -212,7 +236,7 @@ def _print_decisions(d: dict[str, Any]) -> None:
 async def _status(a: argparse.Namespace) -> int:
     from ..actors.client import connect_async
 
-    client = await connect_async(a.nats, a.namespace, name="nalar-cli")
+    client = await connect_async(a.nats, a.namespace, name="nalar-cli", role="operator")
     try:
         nodes = await client.status_async(a.timeout)
         policy = await client.policy_status_async(min(a.timeout, 1.0))
@@ -228,7 +252,7 @@ async def _status(a: argparse.Namespace) -> int:
 async def _state(a: argparse.Namespace) -> int:
     from ..actors.client import connect_async
 
-    client = await connect_async(a.nats, a.namespace, name="nalar-cli")
+    client = await connect_async(a.nats, a.namespace, name="nalar-cli", role="operator")
     try:
         if a.state_cmd == "migrate":
             out = await client.migrate_async(a.session, a.src, a.dst)
@@ -308,14 +332,22 @@ def main(argv: list[str] | None = None) -> int:
 
             _apply_replicas(a)
             return run_up(_specs(a.actors, not a.actors), a.namespace, a.data_dir, load_policies(a.policies),
-                          a.interval)
+                          a.interval, insecure=a.insecure)
+        if a.cmd == "auth":
+            from . import auth as auth_cli
+
+            return auth_cli.run(a)
+        if a.cmd == "nats":
+            from . import nats as nats_cli
+
+            return nats_cli.run(a)
         if a.cmd == "policy":
             from .policy import serve_policy
 
             if a.interval <= 0:
                 _err("--interval must be > 0")
                 return EXIT_USAGE
-            asyncio.run(serve_policy(a.nats, a.namespace, a.policies, a.interval))
+            asyncio.run(serve_policy(a.nats, a.namespace, a.policies, a.interval, name=a.name))
             return 0
         if a.cmd == "node":
             return _node(a)

@@ -11,7 +11,7 @@ from ..policy import PolicyActor, load_policies
 
 
 async def serve_policy(url: str | None, namespace: str | None, policies: str | None, interval: float,
-                       stop: asyncio.Event | None = None, out: Any = print) -> None:
+                       stop: asyncio.Event | None = None, out: Any = print, name: str | None = None) -> None:
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -27,15 +27,25 @@ async def serve_policy(url: str | None, namespace: str | None, policies: str | N
             stop.set()
 
     installed = load_policies(policies)
-    rt = await open_runtime(url, namespace, "policy", on_closed, connection_name="nalar-policy")
-    actor = PolicyActor(rt, installed, interval)
+    rt = await open_runtime(url, namespace, "policy", on_closed, connection_name="nalar-policy", role="policy")
+    actor = PolicyActor(rt, installed, interval, name=name)
     try:
         await actor.start()
         out(f"nalar policy actor ready (namespace {rt.subjects.ns!r}, every {interval:g} s, decisions v"
-            f"{actor.table.version}): {', '.join(p.name for p in installed) or 'no policies'}", flush=True)
+            f"{actor.table.version}, {actor.name}: {_role(actor)}): "
+            f"{', '.join(p.name for p in installed) or 'no policies'}", flush=True)
         await actor.run(stop)
     finally:
         await actor.stop()
         await rt.close()
     if lost:
         raise BusError("the NATS connection was closed for good; the policy actor stopped")
+
+
+def _role(actor: PolicyActor) -> str:
+    if actor.role == "leader":
+        return f"leading, term {actor.term}"
+    if actor.role == "standby":
+        held = actor.lease.holder if actor.lease is not None else ""
+        return f"standby{f' (leader {held})' if held else ''}"
+    return "no JetStream: deciding alone"

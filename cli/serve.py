@@ -49,19 +49,23 @@ async def serve_node(specs: list[tuple[type, int | None]], url: str | None, name
     # not started yet: the node names the runtime's decision table first (``table.here``), and hooks its
     # decisions handler in at its own start, replaying what the runtime loaded
     rt = await open_runtime(url, namespace, name or "node", on_closed,
-                            connection_name=f"nalar-node-{name or ''}".rstrip("-"), start=False)
+                            connection_name=f"nalar-node-{name or ''}".rstrip("-"), start=False, role="node")
     node = Node(rt, specs, name=name, state_dir=state_dir, **({"max_queue": max_queue} if max_queue else {}))
     rt.name = node.name
     await rt.start()
     set_default_runtime(rt)
     control: Any = None
+    policy_rt: Any = None
     loop_task: asyncio.Task[None] | None = None
     try:
         await node.start()
         if policies is not None:
             from ..policy import PolicyActor
 
-            control = PolicyActor(rt, policies, interval)
+            # its own connection, with the policy role's credential: a node's may not publish decisions
+            policy_rt = await open_runtime(url, rt.subjects.ns, "policy", on_closed, connection_name="nalar-policy",
+                                           role="policy")
+            control = PolicyActor(policy_rt, policies, interval)
             await control.start()
             loop_task = loop.create_task(control.run(stop))
         on_ready(node, rt.transport.connected_url)
@@ -69,7 +73,10 @@ async def serve_node(specs: list[tuple[type, int | None]], url: str | None, name
     finally:
         if loop_task is not None:
             await loop_task
+        if control is not None:
             await control.stop()
+        if policy_rt is not None:
+            await policy_rt.close()
         await node.stop(grace)
         tracing.shutdown()
     if lost:

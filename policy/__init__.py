@@ -6,6 +6,8 @@
 Where things live (it imports ``actors`` and ``bus``, never the other way):
 
     actor.py       ``PolicyActor``: each round, gather metrics, run the policies, broadcast one batch
+    lease.py       ``Lease``: the leader lease in ``nalar_<ns>_leader``; only its holder runs rounds; its
+                   revision is the leader's term, which every batch carries
     api.py         the primitives: what a policy sees (``View``) and may do (``Actions``); ``Policy``
     builtin.py     the built-in policies by name (``BUILTIN``) and the default set (``DEFAULT``)
     __init__.py    ``load_policies``: built-in names and ``module:Class`` specs to instances

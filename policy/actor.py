@@ -1,4 +1,4 @@
-"""The policy actor: one per deployment, one single-threaded periodic loop, off the critical path.
+"""The policy actor: one leader per namespace, one single-threaded periodic loop, off the critical path.
 
 Each round: ask every node for its metrics (scatter/gather on ``nalar.<ns>.metrics``), run the
 installed policies over them, and broadcast what they decided as one versioned batch on
@@ -10,12 +10,21 @@ snapshot, to the JetStream KV bucket ``nalar_<ns>_policy`` *before* the batch go
   state (routes, priorities, desired instance counts), nothing is applied twice;
 - while no policy actor runs, every process keeps enforcing the last decisions it has.
 
-Run one policy actor per namespace.
+Any number may run per namespace: they elect a leader with a lease (``lease.py``), and only the leader
+runs rounds; the others are standbys that answer status requests and take over within a few seconds
+of the leader's death. A new leader re-reads the snapshot, continues its versions, and announces it in
+full. Every batch and the snapshot carry the leader's *term*, so processes refuse a deposed or forged
+leader's batches (``actors/control/term.py``). The snapshot is written compare-and-set on the revision
+the leader last read or wrote: a write that finds another's in between means it was deposed. Without
+JetStream there is no lease: the actor decides alone (role ``single``, term 0).
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
+import socket
 import statistics
 import time
 from typing import Any
@@ -27,15 +36,28 @@ from ..bus import envelope as env
 from ..bus import kv as bkv
 from ..bus.errors import MalformedMessage
 from .api import Actions, Policy, View
+from .lease import RENEW_EVERY, TRY_EVERY, Lease
 
 log = logging.getLogger("nalar.policy")
 DEFAULT_INTERVAL = 1.0
+_seq = itertools.count(1)
+
+
+def default_name() -> str:
+    """``HOST-PID`` (a second actor in the same process gets ``-2``, and so on)."""
+    n = next(_seq)
+    return f"{socket.gethostname()}-{os.getpid()}" + (f"-{n}" if n > 1 else "")
+
+
+class _Deposed(Exception):
+    """The snapshot changed under this leader: another actor wrote it."""
 
 
 class PolicyActor:
     def __init__(self, rt: Runtime, policies: list[Policy], interval: float = DEFAULT_INTERVAL,
-                 collect_timeout: float = 1.0) -> None:
+                 collect_timeout: float = 1.0, name: str | None = None) -> None:
         self.rt = rt
+        self.name = name or default_name()
         self.policies = policies
         self.interval = interval
         self.collect_timeout = collect_timeout
@@ -45,25 +67,131 @@ class PolicyActor:
         self.errors: dict[str, str] = {}
         self.refused: list[str] = []
         self._kv: Any = None
+        self._snap_rev = 0  # the snapshot's revision this leader last read or wrote (compare-and-set)
+        self.lease: Lease | None = None  # None: no JetStream, no election
+        self.terms: list[dict[str, Any]] = []  # the terms this actor led: term, since (unix time), v, takeover_ms
+        self._lock = asyncio.Lock()  # a round and a takeover never interleave
+        self._lease_task: asyncio.Task[None] | None = None
         self._subs: list[Any] = []
         self.started = time.time()
 
+    # -- the lease --------------------------------------------------------------------------------
+    @property
+    def role(self) -> str:
+        if self.lease is None:
+            return "single"
+        return "leader" if self.lease.held else "standby"
+
+    @property
+    def term(self) -> int:
+        return self.lease.term if self.lease is not None else 0
+
+    def may_decide(self) -> bool:
+        """Leading with a lease renewed recently enough (or alone, without JetStream)."""
+        return self.lease is None or self.lease.fresh()
+
     async def start(self) -> None:
-        """Load the decisions in force, re-announce them in full, and answer status requests."""
+        """Load the decisions in force, answer status requests, and lead if nobody does (then the
+        decisions are re-announced in full); else stand by."""
         js = self.rt.transport.jetstream()
         if js is not None:
             self._kv = await bkv.open_bucket(js, bkv.policy_bucket(self.rt.subjects.ns), "policy decisions")
-            got = await bkv.get(self._kv, bkv.POLICY_KEY)
-            if got is not None:
-                try:
-                    self.table.apply(dict(env.decode_json_object(got[0], "policy snapshot"), full=True))
-                except MalformedMessage as e:
-                    log.warning("the stored decisions are unreadable (%s); starting from none", e)
+            await self._load()
+            self.lease = Lease(js, self.rt.subjects.ns, self.name)
+            await self.lease.open()
         self._subs.append(await self.rt.transport.subscribe(self.rt.subjects.policy_status, self._on_status))
-        await self.rt.transport.publish(self.rt.subjects.policy, self._snapshot(full=True))
+        if self.lease is None:
+            await self.rt.transport.publish(self.rt.subjects.policy, self._snapshot(full=True))
+        else:
+            try:
+                if await self.lease.try_take():
+                    await self._take_over()
+            except Exception as e:  # the lease loop tries again
+                log.warning("policy actor %s: taking the lease failed: %r", self.name, e)
+            self._lease_task = asyncio.get_running_loop().create_task(self._keep_lease())
         await self.rt.transport.flush()
 
+    async def _keep_lease(self) -> None:
+        """Renew the lease while leading; while standing by, take it as soon as it is free."""
+        assert self.lease is not None
+        while not self.rt.closed:
+            try:
+                if self.lease.held:
+                    if not await self.lease.renew():
+                        self._stepped_down("another actor took the lease")
+                elif await self.lease.try_take():
+                    await self._take_over()
+            except asyncio.CancelledError:
+                raise
+            except _Deposed:
+                await self._step_down("another actor wrote the decisions")
+            except Exception as e:  # the server is unreachable for now: ``may_decide`` stops rounds meanwhile
+                log.debug("policy actor %s: lease: %r", self.name, e)
+            await asyncio.sleep(RENEW_EVERY if self.lease.held else TRY_EVERY)
+
+    async def _take_over(self) -> None:
+        """Now leading: continue from the stored decisions, stamp them with this term, announce them."""
+        async with self._lock:
+            t0 = time.perf_counter()
+            try:
+                await self._load()
+                await self._persist()
+                await self.rt.transport.publish(self.rt.subjects.policy, self._snapshot(full=True))
+                await self.rt.transport.flush()
+            except Exception:  # half taken over: let go, and take it again from the start later
+                assert self.lease is not None
+                await self.lease.release()
+                raise
+            self.terms = (self.terms + [{"term": self.term, "since": time.time(), "v": self.table.version,
+                                         "takeover_ms": round((time.perf_counter() - t0) * 1000, 3)}])[-10:]
+            self.errors.pop("lease", None)
+
+    async def _step_down(self, why: str) -> None:
+        assert self.lease is not None
+        await self.lease.release()
+        self._stepped_down(why)
+
+    def _stepped_down(self, why: str) -> None:
+        log.warning("policy actor %s stands by: %s", self.name, why)
+        self.errors["lease"] = f"stepped down: {why}"
+
+    async def _load(self) -> None:
+        """The decisions in force, from the snapshot (none stored: none)."""
+        got = await bkv.get(self._kv, bkv.POLICY_KEY)
+        self._snap_rev = got[1] if got is not None else 0
+        if got is None:
+            self.table.reset()
+            return
+        try:
+            self.table.apply(dict(env.decode_json_object(got[0], "policy snapshot"), full=True))
+        except MalformedMessage as e:
+            log.warning("the stored decisions are unreadable (%s); starting from none", e)
+            self.table.reset()
+
+    async def _persist(self) -> None:
+        """Write the snapshot over the one this leader last read or wrote; ``_Deposed`` if another did."""
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        data = self._snapshot()
+        try:
+            if self._snap_rev:
+                self._snap_rev = await self._kv.update(bkv.POLICY_KEY, data, last=self._snap_rev)
+            else:
+                self._snap_rev = await self._kv.create(bkv.POLICY_KEY, data)
+        except KeyWrongLastSequenceError:
+            raise _Deposed() from None
+
     async def stop(self) -> None:
+        """Stop renewing and let go of the lease (a standby takes over at once); stop answering."""
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+            try:
+                await self._lease_task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._lease_task = None
+        if self.lease is not None:
+            await self.lease.release()
         for s in self._subs:
             try:
                 await s.unsubscribe()
@@ -72,7 +200,7 @@ class PolicyActor:
 
     def _snapshot(self, full: bool = False) -> bytes:
         msg: dict[str, Any] = {"v": self.table.version, "ops": [op.to_wire() for op in self.table.snapshot_ops()],
-                               "t": time.time()}
+                               "t": time.time(), "term": self.term}
         if full:
             msg["full"] = True
         return env.dumps(msg)
@@ -92,7 +220,21 @@ class PolicyActor:
                 pass
 
     async def round(self) -> dict[str, Any]:
-        """One full round: gather, decide, persist, broadcast, wait for every node to apply it."""
+        """One full round: gather, decide, persist, broadcast, wait for every node to apply it.
+
+        Only the leader runs rounds; a standby's (or a leader's that could not renew) is skipped."""
+        if not self.may_decide():
+            return {"round": self.round_no, "role": self.role, "skipped": True}
+        async with self._lock:
+            try:
+                return await self._round()
+            except _Deposed:
+                await self._step_down("another actor wrote the decisions")
+                return {"round": self.round_no, "role": self.role, "skipped": True}
+
+    async def _round(self) -> dict[str, Any]:
+        if not self.may_decide():
+            return {"round": self.round_no, "role": self.role, "skipped": True}
         t0 = time.perf_counter()
         self.round_no += 1
         metrics = await self.collect()
@@ -111,16 +253,20 @@ class PolicyActor:
         if act.refused:
             self.refused = (self.refused + act.refused)[-20:]
         t2 = time.perf_counter()
+        if not self.may_decide():  # the lease could not be renewed while metrics came in
+            return {"round": self.round_no, "role": self.role, "skipped": True}
         prev = self.table.version
         if ops:
             self.table.apply({"v": prev + 1, "prev": prev, "ops": ops})
             if self._kv is not None:
-                await self._kv.put(bkv.POLICY_KEY, self._snapshot())
+                await self._persist()
         v = self.table.version
-        msg = env.dumps({"v": v, "prev": prev if ops else v - 1, "ops": ops})
+        msg = env.dumps({"v": v, "prev": prev if ops else v - 1, "ops": ops, "term": self.term})
+        if not self.may_decide():
+            return {"round": self.round_no, "role": self.role, "skipped": True}
         acked = await self._broadcast(msg, set(metrics), v)
         t3 = time.perf_counter()
-        stats = {"round": self.round_no, "v": v, "nodes": len(metrics), "applied_by": acked,
+        stats = {"round": self.round_no, "v": v, "term": self.term, "nodes": len(metrics), "applied_by": acked,
                  "futures": view.futures, "ops": len(ops),
                  "collect_ms": round((t1 - t0) * 1000, 3), "policy_ms": round((t2 - t1) * 1000, 3),
                  "broadcast_ms": round((t3 - t2) * 1000, 3), "round_ms": round((t3 - t0) * 1000, 3)}
@@ -168,7 +314,11 @@ class PolicyActor:
 
     def status(self) -> dict[str, Any]:
         recent = self.rounds[-20:]
+        lease = self.lease
         return {
+            "name": self.name, "role": self.role, "term": self.term,
+            "leader": self.name if lease is None else (lease.holder or None),
+            "leader_term": self.term if lease is None else lease.holder_term, "terms": list(self.terms),
             "policies": [p.name or type(p).__name__ for p in self.policies], "interval_s": self.interval,
             "rounds": self.round_no, "uptime_s": round(time.time() - self.started, 3),
             "last_round": recent[-1] if recent else None,

@@ -114,7 +114,7 @@ def test_auth_options_pass_through(tmp_path, monkeypatch, conf, env_vars):
     server = EmbeddedNats(data_dir=str(tmp_path / "d"), jetstream=False, extra_config=conf)
     url = server.start()
     try:
-        _refused_then_connects(url, monkeypatch, env_vars, match="cannot connect")
+        _refused_then_connects(url, monkeypatch, env_vars, match="requires credentials and none were given")
     finally:
         server.stop()
 

@@ -54,6 +54,19 @@ def settle(client: nalar.Client, nodes: list[str]) -> None:
     wait_for(lambda: all(client.runtime.node_seen.get(n, (0.0,))[0] > t for n in nodes), 30, "node heartbeats")
 
 
+_RUNNING: list["Ctl"] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_policy_actors(request: pytest.FixtureRequest) -> Any:
+    """Stop every ``Ctl`` a test left running (its lease task) before the client it runs on closes."""
+    if "client" in request.fixturenames:
+        request.getfixturevalue("client")
+    yield
+    while _RUNNING:
+        _RUNNING.pop().stop()
+
+
 class Ctl:
     """A policy actor in this process; ``round(step, ...)`` runs one control round with those steps."""
 
@@ -65,6 +78,8 @@ class Ctl:
         self.actor = PolicyActor(client.runtime, [self.script, *policies], interval=3600, collect_timeout=20)
         assert client._lt is not None
         client._lt.run(self.actor.start(), 30)
+        assert self.actor.role == "leader", self.actor.status()
+        _RUNNING.append(self)
 
     def round(self, *steps: Callable[[Any, Any], Any]) -> dict[str, Any]:
         self.script.steps.extend(steps)
@@ -76,6 +91,8 @@ class Ctl:
 
     def stop(self) -> None:
         assert self.client._lt is not None
+        if self in _RUNNING:
+            _RUNNING.remove(self)
         self.client._lt.run(self.actor.stop(), 30)
 
 

@@ -11,6 +11,10 @@ file           what it holds
                no-op test; ``op_from_wire``
 ``table.py``   ``DecisionTable``: the decisions in force, applied batch by batch, read per call
 ``rows.py``    the metrics a node reports: ``InstanceRow``, ``WaitingRow``, ``NodeMetrics``
+``term.py``    ``TermGate``: the leader term a process trusts; a batch of an older or unproven term
+               is refused, one of a new term waits (with those behind it) for the lease to prove it
+``checks.py``  what a node refuses on arrival, whoever sent it: instance counts that break the
+               hints, version jumps; ``Refusals`` counts them
 =============  ================================================================================
 
 Ops on the wire (JSON lists, first the kind):
@@ -41,11 +45,13 @@ op                                                       meaning
 """
 from .ops import KINDS, OPS, Affinity, Home, InstanceAt, Migrate, Op, Priority, Route, Scale, Sticky, Weights, \
     op_from_wire
+from .checks import MAX_VERSION_JUMP, Refusals, max_instances_per_node
 from .rows import ActorMetrics, InstanceRow, NodeMetrics, WaitingRow
 from .table import MAX_SESSION_ROUTES, DecisionTable, home_of
+from .term import TermGate, term_of
 
 __all__ = [
     "ActorMetrics", "Affinity", "DecisionTable", "Home", "InstanceAt", "InstanceRow", "KINDS", "MAX_SESSION_ROUTES",
-    "Migrate", "NodeMetrics", "OPS", "Op", "Priority", "Route", "Scale", "Sticky", "WaitingRow", "Weights", "home_of",
-    "op_from_wire",
+    "MAX_VERSION_JUMP", "Migrate", "NodeMetrics", "OPS", "Op", "Priority", "Refusals", "Route", "Scale", "Sticky",
+    "TermGate", "WaitingRow", "Weights", "home_of", "max_instances_per_node", "op_from_wire", "term_of",
 ]

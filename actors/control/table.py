@@ -9,7 +9,8 @@ so a policy actor restarted on an empty store still takes over.
 
 A batch on the wire (``nalar.<ns>.policy``, and the snapshot in the KV bucket)::
 
-    {"v": version, "prev": the version it follows, "ops": [op as a list, ...], "full": true (a snapshot)}
+    {"v": version, "prev": the version it follows, "ops": [op as a list, ...], "full": true (a snapshot),
+     "term": the term of the leader that sent it (``term.py``)}
 """
 from __future__ import annotations
 

@@ -6,6 +6,9 @@ catches the session's state up from its log first); ``scale`` starts or drains i
 weights and session routes are read when each call is bound. A call that arrives at a node the
 decisions in force do not send it to (a caller with older decisions) is forwarded, once, with its
 original bytes.
+
+Before a batch reaches the table, ``screen`` refuses what breaks the hints, whoever sent it
+(``actors/control/checks.py``): such an op changes nothing, and is counted.
 """
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ from typing import Any, Awaitable, Callable
 
 from ...bus import envelope as env
 from ...state import keys as state_keys
-from ..control import Migrate, Op, Priority, Scale, Weights
+from ...bus.errors import MalformedMessage
+from ..control import Migrate, Op, Priority, Refusals, Scale, Weights
+from ..control import checks
 from ..runtime import Runtime
 from .calls import ActorGroup, Book, Bound, Call, Instance, StateGate
 from .execute import Executor
@@ -44,6 +49,8 @@ class Enforcer:
         self.counts = {"batches": 0, "migrated": 0, "provisioned": 0, "metrics_sent": 0}
         self.homes = os.environ.get("NALAR_SESSION_HOMES", "on").strip().lower() not in ("off", "0", "false", "no")
         self.errors: dict[str, str] = {}
+        self.refusals = Refusals()
+        rt.screen = self.screen
 
     # -- where a call belongs ---------------------------------------------------------------------
     def elsewhere(self, g: ActorGroup, c: Call, direct: bool, bound: Bound | None) -> str | None:
@@ -112,6 +119,49 @@ class Enforcer:
             return False
         self.executor.forget(c, node or "*")
         return True
+
+    # -- checking decisions on arrival ----------------------------------------------------------
+    def screen(self, msg: dict[str, Any], stored: bool = False) -> dict[str, Any] | None:
+        """The batch minus the ops this node refuses, or ``None`` if it is refused whole (a version jump,
+        or nothing left once they are out).
+
+        ``stored``: the snapshot in the KV bucket, which a node that fell far behind catches up from
+        (so its version may jump), is checked op by op only."""
+        why = None if stored else checks.version_jump(self.table.version, msg.get("v"))
+        if why is not None:
+            self.refusals.add(checks.VERSION_JUMP, "version", why)
+            return None
+        raw = msg.get("ops")
+        if not isinstance(raw, list):
+            return msg  # the table refuses it as malformed
+        out: list[Any] | None = None
+        for k, r in enumerate(raw):
+            if not (isinstance(r, list) and len(r) == 5 and r[0] == "scale" and r[1] == self.book.name):
+                continue
+            try:
+                op = Scale.from_wire(r)
+            except MalformedMessage:
+                continue  # the table refuses the whole batch
+            bad = self._scale_refusal(op, msg, raw)
+            if bad is not None:
+                self.refusals.add(bad[0], f"scale {op.actor}", bad[1])
+                if out is None:
+                    out = list(raw[:k])
+            elif out is not None:
+                out.append(r)
+        if out is None:
+            return msg
+        return dict(msg, ops=out) if out else None  # nothing left: no change at all, not even the version
+
+    def _scale_refusal(self, op: Scale, msg: dict[str, Any], raw: list[Any]) -> tuple[str, str] | None:
+        g = self.book.groups.get(op.actor)
+        if op.count is None or g is None:  # not hosted here: ``reconcile`` says so
+            return None
+        t = self.table
+        return checks.scale_refusal(
+            op.actor, op.node, op.count, len(g.live()) + g.provisioning, g.hints.min_instances,
+            g.hints.max_instances, lambda: checks.placed_elsewhere(
+                op.actor, self.book.name, raw, msg.get("full") is True, t.scale, t.instances, self.rt.alive))
 
     # -- applying decisions ----------------------------------------------------------------------
     def on_decisions(self, ops: list[Op], reply: str) -> None:
@@ -215,9 +265,11 @@ class Enforcer:
             return
         count, drain = want
         cap = g.hints.max_instances
-        if cap is not None and count > cap:
-            self.errors[f"scale {actor}"] = f"asked for {count}, max_instances is {cap}"
-            count = cap
+        if (cap is not None and count > cap) or (cap is None and count > checks.max_instances_per_node()):
+            bad = checks.scale_refusal(actor, self.book.name, count, count, 0, cap, lambda: 0)
+            if bad is not None:  # (``screen`` keeps such counts out of the table: hints changed since)
+                self.refusals.add(bad[0], f"scale {actor}", bad[1])
+            return
         live = g.live()
         have = len(live) + g.provisioning
         if count > have:
@@ -271,6 +323,13 @@ class Enforcer:
 
     def status(self) -> dict[str, Any]:
         sched = self.book
+        refused = dict(self.refusals.counts)
+        reasons = dict(self.refusals.reasons)
+        for kind in ("stale_term", "forged_term"):  # counted by the runtime's TermGate
+            if self.rt.counters.get(kind):
+                refused[kind] = self.rt.counters[kind]
+        if self.rt.terms.last_refused:
+            reasons["term"] = self.rt.terms.last_refused
         return dict(self.counts, killed=self.hosting.retired, applied_version=self.table.version,
                     schedule_us=round(sched.sched_ns / sched.sched_calls / 1000, 3) if sched.sched_calls else None,
-                    errors=dict(self.errors))
+                    errors=dict(self.errors), term=self.rt.terms.term, refused=refused, refusals=reasons)

@@ -9,6 +9,7 @@ the session's units up with their log first.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import time
@@ -16,7 +17,7 @@ from typing import Any, Callable
 
 from ...bus import envelope as env
 from ...bus import tracing
-from ...bus.errors import BadRequest, MalformedMessage, StateError
+from ...bus.errors import BadRequest, MalformedMessage, StateError, public_text, scrub
 from ...state import keys as state_keys
 from ..base import ReportsEngineStats
 from ..control import InstanceRow, WaitingRow
@@ -26,6 +27,8 @@ from .enforce import Enforcer
 from .execute import Executor
 from .queues import Scheduler
 from .sessions import Sessions
+
+log = logging.getLogger("nalar.node")
 
 #: Queued sessions each actor reports per metrics round (those first in line), for head-of-line
 #: migration and the priority policies.
@@ -171,9 +174,10 @@ class Reporter:
                     result = {"node": self.book.name, "session": session, "units": units, "held": actors}
             out = env.encode_result(result)
             env.check_size(out, None, self.rt.transport.max_payload, f"the answer to {op}")
-        except Exception as e:
+        except Exception as e:  # the asker hears what failed; the host details stay in this node's log
+            log.warning("node %s: state %s of session %r failed: %r", self.book.name, op, session, e)
             if reply:
-                self.rt.send(reply, env.encode_error(StateError(str(e), type=type(e).__name__).to_wire()))
+                self.rt.send(reply, env.encode_error(StateError(public_text(e), type=type(e).__name__).to_wire()))
             return
         if reply:
             self.rt.send(reply, out)
@@ -204,5 +208,5 @@ def engine_stats(g: ActorGroup) -> dict[str, Any] | None:
             try:
                 out[inst.id] = obj.engine_stats()
             except Exception as e:
-                out[inst.id] = {"error": repr(e)}
+                out[inst.id] = {"error": scrub(repr(e))}  # it travels with the metrics
     return out or None
