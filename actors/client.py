@@ -225,7 +225,8 @@ async def open_runtime(url: str | None, namespace: str | None, name: str,
     ns = resolve_namespace(namespace)
     opts = ConnectOptions.resolve(url, role=role, namespace=ns, name=connection_name or name)
     nc = await open_connection(opts, on_closed)
-    rt = Runtime(NatsTransport(nc), ns, name=name, principal=opts.principal())
+    rt = Runtime(NatsTransport(nc), ns, name=name, principal=opts.principal(),
+                 kv_reads=role not in ("client", "operator"))  # which get no JetStream rights
     if start:
         await rt.start()
     return rt

@@ -7,6 +7,7 @@ work to it through ``post``, which wakes the loop once per burst rather than onc
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import math
@@ -22,7 +23,7 @@ from ..bus import tracing
 from ..bus.errors import (BadRequest, BusError, Cancelled, DeadlineExceeded, DependencyFailed, MalformedMessage, NalarError,
                           PayloadTooLarge, RemoteError, Unavailable, UnknownActor, from_wire)
 from ..bus.subjects import Subjects
-from ..bus.transport import NO_RESPONDERS, STATUS_HEADER, Transport, is_no_responders
+from ..bus.transport import NO_RESPONDERS, STATUS_HEADER, NatsTransport, Transport, is_no_responders
 from .context import CallScope, current_scope
 from .deadlines import DeadlineWheel
 from .control import DecisionTable, TermGate, term_of
@@ -124,13 +125,14 @@ class Runtime:
     """Sends calls, resolves their futures from replies, enforces deadlines, propagates cancellation."""
 
     def __init__(self, transport: Transport, namespace: str = "default", name: str = "client",
-                 principal: str = "anon") -> None:
+                 principal: str = "anon", kv_reads: bool = True) -> None:
         self.transport = transport
         self.subjects = Subjects(namespace)
         self.name = name
         #: 64 random bits: future ids and reply subjects start with it, and nobody outside this process
         #: and the nodes that serve its calls sees it, so it cannot be guessed to cancel or answer them
         self.proc = secrets.token_hex(8)
+        self._token_key = os.urandom(32)  # keys the unguessable half of every reply token
         self.principal = principal
         self.loop: asyncio.AbstractEventLoop | None = None
         self.loop_thread = 0
@@ -143,6 +145,9 @@ class Runtime:
         self._requests: dict[str, Callable[[bytes, dict[str, str] | None], None]] = {}
         self._qids = itertools.count(1)
         self._reply_prefix = self.subjects.reply_prefix(principal, self.proc)
+        if isinstance(transport, NatsTransport):  # answer only on inboxes, whatever a message asks
+            transport.replies_ok = self.subjects.replies_ok()
+            transport.on_bad_reply = self._bad_reply
         self._plen = len(self._reply_prefix)
         self._out: deque[tuple[str, bytes, dict[str, str] | None, str]] = deque()
         self._draining = False
@@ -162,7 +167,12 @@ class Runtime:
         #: Called with each applied batch's ops and its reply subject (a node enforces them locally).
         self.on_decisions: Callable[[list[Any], str], None] | None = None
         self._reloading = False
-        self.terms = TermGate(self.transport.jetstream, self.subjects.ns, self.counters)  # whose batches to take
+        #: Reads the decisions and the leader lease from JetStream (nodes, the policy actor); a client
+        #: or an operator has no JetStream rights (``bus/auth.py``): it asks a node for the decisions and
+        #: takes the terms the server lets only the policy actor publish.
+        self.kv_reads = kv_reads
+        self.terms = TermGate(self.transport.jetstream, self.subjects.ns, self.counters,  # whose batches to take
+                              verify=kv_reads)
         #: Checks a batch before the table gets it (a node's ``Enforcer.screen``; ``stored``: the KV snapshot):
         #: the batch to apply, or None.
         self.screen: Callable[[dict[str, Any], bool], dict[str, Any] | None] | None = None
@@ -198,23 +208,12 @@ class Runtime:
     # -- decisions ---------------------------------------------------------------------------------
     async def load_decisions(self) -> None:
         """Take the decisions in force from the policy actor's snapshot (none yet, or no JetStream: none),
-        if its leader's term holds (``control/term.py``)."""
-        js = self.transport.jetstream()
-        if js is None:
-            return
-        from ..bus import kv as bkv
-
-        try:
-            kv = await asyncio.wait_for(bkv.open_bucket(js, bkv.policy_bucket(self.subjects.ns), "policy decisions",
-                                                        create=False), 5)
-            got = await asyncio.wait_for(bkv.get(kv, bkv.POLICY_KEY), 5) if kv is not None else None
-        except Exception as e:  # no JetStream, say: serving goes on; the next broadcast brings decisions
-            log.debug("could not read the policy's decisions: %r", e)
-            return
+        if its leader's term holds (``control/term.py``). Without JetStream reads, from a node."""
+        got = await (self._stored_decisions() if self.kv_reads else self._nodes_decisions())
         if got is None:
             return
         try:
-            msg = dict(env.decode_json_object(got[0], "policy snapshot"), full=True)
+            msg = dict(env.decode_json_object(got, "policy snapshot"), full=True)
             term = term_of(msg)
         except MalformedMessage as e:
             self.count_malformed("policy")
@@ -242,6 +241,30 @@ class Runtime:
 
         self.terms.admit(term, apply, snapshot=True, refused=refused)
         await done
+
+    async def _stored_decisions(self) -> bytes | None:
+        js = self.transport.jetstream()
+        if js is None:
+            return None
+        from ..bus import kv as bkv
+
+        try:
+            kv = await asyncio.wait_for(bkv.open_bucket(js, bkv.policy_bucket(self.subjects.ns), "policy decisions",
+                                                        create=False), 5)
+            got = await asyncio.wait_for(bkv.get(kv, bkv.POLICY_KEY), 5) if kv is not None else None
+        except Exception as e:  # no JetStream, say: serving goes on; the next broadcast brings decisions
+            log.debug("could not read the policy's decisions: %r", e)
+            return None
+        return None if got is None else got[0]
+
+    async def _nodes_decisions(self) -> bytes | None:
+        """The decisions in force as a node has them (``policy.snapshot``), or ``None`` if none answers."""
+        try:
+            got = await self.request(self.subjects.policy_snapshot, {}, 3.0)
+        except (NalarError, asyncio.TimeoutError) as e:  # no node yet: calls go to the queue groups for now
+            log.debug("no node gave the decisions in force: %s", e)
+            return None
+        return env.dumps(got) if isinstance(got, dict) else None
 
     def _on_policy(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
         try:
@@ -378,7 +401,7 @@ class Runtime:
         """
         if self.closed or self.transport.closed:
             raise BusError("this nalar runtime is closed (or lost its NATS connection for good)")
-        token = f"{next(self._ids):x}"
+        token = self._new_token("")
         if key is None:
             fut: Future[Any] = Future(f"{self.proc}-{token}", actor, method, self)
         else:
@@ -800,7 +823,7 @@ class Runtime:
         ``Status: 503`` (``is_no_responders``), and the only one. An exception in ``on`` ends it and
         is raised here. Call it on the runtime's loop.
         """
-        token = f"q{next(self._qids):x}"
+        token = self._new_token("q")
         loop = asyncio.get_running_loop()
         wake: asyncio.Future[None] | None = None
         heard = False
@@ -847,7 +870,7 @@ class Runtime:
         Far cheaper than a request of the client library (no inbox future, no ``wait_for``, no task),
         for hot paths that wait on a server's answer, like appending to a unit's log. Call it on the loop.
         """
-        token = f"q{next(self._qids):x}"
+        token = self._new_token("q")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[bytes, dict[str, str] | None]] = loop.create_future()
         requests = self._requests
@@ -868,8 +891,27 @@ class Runtime:
         self.send(subject, data, headers, self._reply_prefix + token)
         return fut
 
+    def _new_token(self, kind: str) -> str:
+        """A reply token: a counter for uniqueness, then 64 bits nobody can guess (a keyed hash of it),
+        since a reply or a cancel needs the token, and a leaked future id must say nothing of the next.
+
+        A keyed hash and not ``os.urandom``: that releases the GIL, and a caller's thread would hand the
+        loop the GIL at every call.
+        """
+        n = next(self._qids if kind else self._ids)
+        tag = hashlib.blake2b(n.to_bytes(8, "little") + kind.encode(), key=self._token_key, digest_size=8)
+        return f"{kind}{n:x}{tag.hexdigest()}"
+
     def count_malformed(self, where: str) -> None:
         self.malformed[where] = self.malformed.get(where, 0) + 1
+
+    def _bad_reply(self, subject: str, reply: str) -> None:
+        """A message that asked to be answered on something other than an inbox: dropped, counted."""
+        n = self.malformed.get("reply", 0)
+        self.malformed["reply"] = n + 1
+        if n & (n - 1) == 0:  # 1st, 2nd, 4th, 8th...: heard of, without flooding the log
+            log.warning("dropped a message on %s asking for its answer on %r: only inboxes (%s) are answered "
+                        "(%d such so far)", subject, reply[:80], ", ".join(self.subjects.replies_ok()), n + 1)
 
 
 class _CallEncoder(env.Encoder):

@@ -6,7 +6,7 @@ from a directory of credentials, and has each process connect with its role's nk
 =========  ==========================================================================================
 role       may
 =========  ==========================================================================================
-client     publish calls and cancels; receive replies on its own inbox only; read the decisions in force
+client     publish calls and cancels; receive replies on its own inbox only; ask a node for the decisions
 operator   what a client may, and ask nodes and the policy actor for status and session state
 node       serve calls, answer anyone's call, exchange session state, append to the state log, publish
            heartbeats and metrics; read (never write) the decisions in force
@@ -20,11 +20,14 @@ credential may subscribe there: a client cannot read another's replies, nor answ
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import stat
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import orjson
 
@@ -35,7 +38,7 @@ ROLES = ("client", "operator", "node", "policy")
 #: What ``nalar auth init`` (and ``nalar up``) create: one credential per role, named after it.
 DEFAULT_USERS = ROLES
 MANIFEST = "users.json"
-_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
 
 def principal_of(public_key: str) -> str:
@@ -109,16 +112,20 @@ def permissions(role: str, namespace: str, principal: str) -> dict[str, Any]:
     decisions = _read_stream(_kv_stream(policy_kv)) + _read_stream(_kv_stream(leader_kv))
     inbox = f"{p}r.{principal}.>"
     listen = [inbox, f"{p}hb.*", f"{p}policy"]  # replies, liveness, decisions: every process
-    calls = [f"{p}call.>", f"{p}cancel"]
+    # Clients and operators get no JetStream API at all: the server answers an API request on whatever
+    # reply subject it names, from inside, so a read right would let them write any subject by bouncing
+    # the answer (a KV key, the state log). They take the decisions in force from a node instead.
+    calls = [f"{p}call.>", f"{p}cancel", f"{p}policy.snapshot"]
     if role == "client":
-        pub, sub = calls + decisions, listen
+        pub, sub = calls, listen
     elif role == "operator":
-        pub = calls + decisions + [f"{p}status", f"{p}node.*", f"{p}policy.status", f"{p}metrics"]
+        pub = calls + [f"{p}status", f"{p}node.*", f"{p}policy.status", f"{p}metrics"]
         sub = listen
     elif role == "node":
         state = f"nalar_{ns}_state"
         pub = calls + decisions + _own_stream(state) + [f"{p}r.>", f"{p}hb.*", f"{p}node.*", f"{p}state.>"]
-        sub = listen + [f"{p}call.>", f"{p}cancel", f"{p}status", f"{p}metrics", f"{p}node.*"]
+        sub = listen + [f"{p}call.>", f"{p}cancel", f"{p}status", f"{p}metrics", f"{p}node.*",
+                        f"{p}policy.snapshot"]
     else:  # policy
         pub = (_own_stream(_kv_stream(policy_kv)) + _own_stream(_kv_stream(leader_kv))
                + [f"$KV.{policy_kv}.>", f"$KV.{leader_kv}.>", f"{p}policy", f"{p}metrics"])
@@ -194,22 +201,37 @@ class Credentials:
     # writing
     def init(self) -> list[str]:
         """Create the credential of every role that has none; returns the names created."""
-        have = self.users()
-        return [self.add(name, name) for name in DEFAULT_USERS if name not in have]
+        with self._locked():
+            have = self.users()
+            return [self._add(name, name) for name in DEFAULT_USERS if name not in have]
 
     def add(self, name: str, role: str) -> str:
         """A new credential ``name`` with ``role`` (``BusError`` if the name is taken)."""
+        with self._locked():
+            return self._add(name, role)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One writer at a time (two ``nalar auth add`` at once must not lose one another's user)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.path, stat.S_IRWXU)
+        fd = os.open(self.path / ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _add(self, name: str, role: str) -> str:
         import nkeys
 
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise BusError(f"credential name {name!r}: use 1 to 64 letters, digits, '_' and '-'")
         if role not in ROLES:
             raise BusError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
         users = self.users()
         if name in users:
             raise BusError(f"a credential named {name!r} exists already in {self.path}")
-        self.path.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.path, stat.S_IRWXU)
         seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
         kp = nkeys.from_seed(bytearray(seed))
         public = kp.public_key.decode()
@@ -220,11 +242,12 @@ class Credentials:
         return name
 
     def remove(self, name: str) -> None:
-        users = self.users()
-        if name not in users:
-            raise BusError(f"no credential named {name!r} in {self.path}")
-        del users[name]
-        self._save(users)
+        with self._locked():
+            users = self.users()
+            if name not in users:
+                raise BusError(f"no credential named {name!r} in {self.path}")
+            del users[name]
+            self._save(users)
         try:
             self.seed_file(name).unlink()
         except FileNotFoundError:
@@ -309,11 +332,14 @@ def server_config(sets: list[Manifest], account: str | None = None) -> str:
 
 def _write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` readable by its owner only, atomically (no moment where it is not)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600, a name of its own
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -22,6 +22,10 @@ from .errors import ServerNotFound
 
 _LISTEN = re.compile(rb"Listening for client connections on ([0-9.:\[\]a-fA-F]+):(\d+)")
 DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024
+#: Bounds on what one client can make the server hold (each subscription costs it memory): generous for
+#: nalar's own processes (a node subscribes twice per actor), a wall for a flood.
+DEFAULT_MAX_CONNECTIONS = 4096
+DEFAULT_MAX_SUBSCRIPTIONS = 10_000
 
 
 def find_server_binary() -> str:
@@ -57,7 +61,9 @@ class EmbeddedNats:
 
     def __init__(self, data_dir: str | None = None, host: str = "127.0.0.1", port: int = -1,
                  jetstream: bool = True, max_payload: int = DEFAULT_MAX_PAYLOAD,
-                 startup_timeout: float = 20.0, extra_config: str = "", includes: list[str] | None = None) -> None:
+                 startup_timeout: float = 20.0, extra_config: str = "", includes: list[str] | None = None,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS) -> None:
         self.host = host
         self.port = port
         self.jetstream = jetstream
@@ -65,17 +71,21 @@ class EmbeddedNats:
         self.startup_timeout = startup_timeout
         self.extra_config = extra_config  # raw nats-server config lines (auth, TLS, limits)
         self.includes = list(includes or [])  # config files the server reads (again on a reload: SIGHUP)
+        self.max_connections = max_connections
+        self.max_subscriptions = max_subscriptions  # per connection
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="nalar-nats-")
         self.proc: subprocess.Popen[bytes] | None = None
+        self.pid_was = 0
         self.url = ""
         self._log: list[bytes] = []
 
     def start(self) -> str:
         binary = find_server_binary()
-        os.makedirs(self.data_dir, exist_ok=True)
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)  # JetStream holds every session's state
         conf = Path(self.data_dir) / "nats.conf"
-        lines = [f'listen: "{self.host}:{self.port}"', f"max_payload: {self.max_payload}"]
+        lines = [f'listen: "{self.host}:{self.port}"', f"max_payload: {self.max_payload}",
+                 f"max_connections: {self.max_connections}", f"max_subscriptions: {self.max_subscriptions}"]
         if self.jetstream:
             store = Path(self.data_dir) / "jetstream"
             lines.append(f'jetstream {{ store_dir: "{store}" }}')
@@ -83,11 +93,17 @@ class EmbeddedNats:
             lines.append(self.extra_config)
         for inc in self.includes:  # nats-server takes include paths relative to the including file only
             lines.append(f'include "{os.path.relpath(inc, self.data_dir)}"')
-        conf.write_text("\n".join(lines) + "\n")
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        # its own session: a terminal's Ctrl-C goes to the whole foreground process group, and the server
+        # must outlive its owner's drain, not die first; it still dies with its owner (PDEATHSIG)
         self.proc = subprocess.Popen(
             [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            start_new_session=True,
         )
+        self.pid_was = self.proc.pid
         ready = threading.Event()
         found: list[tuple[str, int]] = []
         assert self.proc.stderr is not None
@@ -95,8 +111,9 @@ class EmbeddedNats:
 
         def read() -> None:
             for line in iter(err.readline, b""):
-                if len(self._log) < 200:
-                    self._log.append(line)
+                self._log.append(line)
+                if len(self._log) > 400:  # the first lines (why it did not start) and the last (why it died)
+                    del self._log[100:300]
                 m = _LISTEN.search(line)
                 if m and not found:
                     found.append((m.group(1).decode(), int(m.group(2))))
@@ -113,6 +130,10 @@ class EmbeddedNats:
         self.port = port
         self.url = f"nats://{self.host}:{port}"
         return self.url
+
+    def log_tail(self, lines: int = 10) -> str:
+        """The server's last lines on stderr (what it said before it died, say)."""
+        return b"".join(self._log[-lines:]).decode(errors="replace").rstrip()
 
     def stop(self, timeout: float = 10.0) -> None:
         proc, self.proc = self.proc, None

@@ -17,6 +17,7 @@ subject                         who listens                              what tr
 ``nalar.<ns>.policy``           every process (nodes reply "applied")    versioned decision batches
 ``nalar.<ns>.metrics``          every node (scatter/gather)              a node's compact metrics
 ``nalar.<ns>.policy.status``    the policy actor                         its rounds and decisions
+``nalar.<ns>.policy.snapshot``  one node (queue group ``snapshot``)      the decisions in force, in full
 ``nalar.<ns>.state.<s>.<a>``    JetStream (stream ``nalar_<ns>_state``)  session state, per unit
 ==============================  =======================================  ==========================
 
@@ -27,12 +28,12 @@ from __future__ import annotations
 
 import re
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_\-]+$")
+_TOKEN = re.compile(r"[A-Za-z0-9_\-]+")
 
 
 def check_token(value: str, what: str) -> str:
     """Names that become subject tokens must not contain dots, wildcards or spaces."""
-    if not isinstance(value, str) or not _TOKEN.match(value):
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value):  # fullmatch: "$" would let "x\n" through
         raise ValueError(f"{what} {value!r} is not a valid name: use letters, digits, '_' and '-'")
     return value
 
@@ -82,3 +83,16 @@ class Subjects:
     @property
     def policy_status(self) -> str:
         return f"{self.prefix}policy.status"
+
+    @property
+    def policy_snapshot(self) -> str:
+        """Where clients ask for the decisions in force (nodes answer, one each time: a queue group)."""
+        return f"{self.prefix}policy.snapshot"
+
+    def replies_ok(self) -> tuple[str, ...]:
+        """The only subjects a message may ask to be answered on: a nalar inbox, or a plain NATS one.
+
+        Anything else (a state subject, a KV key, the JetStream API) is dropped unanswered: a node or
+        the policy actor may publish there with its own permissions, and must not do so for a caller.
+        """
+        return (f"{self.prefix}r.", "_INBOX.")

@@ -67,6 +67,10 @@ class NatsTransport:
     def __init__(self, nc: NatsClient) -> None:
         self.nc = nc
         self._js: JetStreamContext | None = None
+        #: Reply subjects a message may carry (prefixes; empty: any). A message asking to be answered
+        #: elsewhere is dropped before any handler sees it, and ``on_bad_reply`` hears of it.
+        self.replies_ok: tuple[str, ...] = ()
+        self.on_bad_reply: Callable[[str, str], None] | None = None
 
     @property
     def max_payload(self) -> int:
@@ -91,8 +95,13 @@ class NatsTransport:
 
     async def subscribe(self, subject: str, handler: Handler, queue: str = "") -> Subscription:
         async def cb(msg: Msg) -> None:
+            reply = msg.reply
+            if reply and self.replies_ok and not reply.startswith(self.replies_ok):
+                if self.on_bad_reply is not None:
+                    self.on_bad_reply(msg.subject, reply)
+                return
             try:
-                handler(msg.subject, msg.reply, msg.data, msg.headers)
+                handler(msg.subject, reply, msg.data, msg.headers)
             except Exception:  # a bug in one handler must not stop the subscription
                 log.exception("handler for %s failed", subject)
 
@@ -114,11 +123,15 @@ class NatsTransport:
         return any(what in d.lower() for d in denied)
 
     async def close(self) -> None:
+        """Drain, else close; a server already gone is no error (there is nothing left to flush to)."""
         if not self.nc.is_closed:
             try:
                 await self.nc.drain()
             except Exception:
-                await self.nc.close()
+                try:
+                    await self.nc.close()
+                except Exception as e:
+                    log.debug("closing a connection whose server is gone: %r", e)
 
 
 def _matches(pattern: list[str], tokens: list[str]) -> bool:

@@ -14,16 +14,31 @@ from ..bus import tracing
 from ..bus.errors import BusError
 
 
+async def _bounded(aw: Any, seconds: float, what: str, quiet: bool = False) -> None:
+    """Wait for a step of a stop, but not forever (a dead server must not hold the process up)."""
+    try:
+        await asyncio.wait_for(aw, seconds)
+    except asyncio.TimeoutError:
+        if not quiet:
+            print(f"nalar: {what} did not finish within {seconds:g} s; going on", file=sys.stderr, flush=True)
+    except Exception as e:  # a stop goes on whatever one step raised
+        if not quiet:
+            print(f"nalar: {what} failed: {e!r:.200}", file=sys.stderr, flush=True)
+
+
 async def serve_node(specs: list[tuple[type, int | None]], url: str | None, namespace: str | None,
                      name: str | None, on_ready: Callable[[Node, str], None],
                      stop: asyncio.Event | None = None, grace: float = 10.0,
                      state_dir: str | None = None, policies: list[Any] | None = None,
-                     interval: float = 1.0, max_queue: int | None = None) -> None:
+                     interval: float = 1.0, max_queue: int | None = None,
+                     lost_ok: Callable[[], bool] | None = None) -> None:
     """Serve until a signal (a second one exits at once) or until the connection is lost for good.
 
     With ``policies`` (a list, possibly empty), the policy actor runs here too, on the node's loop.
+    A stop goes in order: the node drains (``grace``), then the policy actor, then the connections.
 
-    Raises ``BusError`` in the latter case so the process exits non-zero and a supervisor restarts it.
+    Raises ``BusError`` in the latter case so the process exits non-zero and a supervisor restarts it
+    (unless ``lost_ok()`` says the caller knows why, as ``nalar up`` does when its own server died).
     """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -71,13 +86,14 @@ async def serve_node(specs: list[tuple[type, int | None]], url: str | None, name
         on_ready(node, rt.transport.connected_url)
         await stop.wait()
     finally:
-        if loop_task is not None:
-            await loop_task
+        gone = lost_ok is not None and lost_ok()  # no server: nothing to drain to, do not wait on it
+        await _bounded(node.stop(0 if gone else grace), 1 if gone else grace + 5, "the node's stop", gone)
+        if loop_task is not None:  # its round ends at the stop (a round in flight: bounded too)
+            await _bounded(loop_task, 0.5 if gone else 10, "the policy actor's last round", gone)
         if control is not None:
-            await control.stop()
+            await _bounded(control.stop(), 0.5 if gone else 5, "the policy actor's stop", gone)
         if policy_rt is not None:
-            await policy_rt.close()
-        await node.stop(grace)
+            await _bounded(policy_rt.close(), 0.5 if gone else 5, "the policy actor's connection", gone)
         tracing.shutdown()
-    if lost:
+    if lost and not (lost_ok is not None and lost_ok()):
         raise BusError("the NATS connection was closed for good; the node stopped")

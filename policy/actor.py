@@ -29,12 +29,14 @@ import statistics
 import time
 from typing import Any
 
+from nats.errors import Error as NatsError
+
 from ..actors.control import DecisionTable
 from ..actors.retry import LIVENESS_TIMEOUT
 from ..actors.runtime import Runtime
 from ..bus import envelope as env
 from ..bus import kv as bkv
-from ..bus.errors import MalformedMessage
+from ..bus.errors import BusError, MalformedMessage
 from .api import Actions, Policy, View
 from .lease import RENEW_EVERY, TRY_EVERY, Lease
 
@@ -205,15 +207,28 @@ class PolicyActor:
             msg["full"] = True
         return env.dumps(msg)
 
+    def _report(self, where: str, e: Exception, what: str = "control round failed") -> None:
+        """Log a failure once as it starts (with its traceback if it is a bug, one line if the bus is
+        away), not again every round while it lasts; ``nalar status`` shows it meanwhile."""
+        text = repr(e)
+        again = self.errors.get(where) == text
+        self.errors[where] = text
+        if again:
+            log.debug("%s again: %s", what, text)
+        elif isinstance(e, (asyncio.TimeoutError, ConnectionError, BusError, NatsError)):
+            log.warning("%s: %s (the next round tries again)", what, text)
+        else:
+            log.exception("%s (logged once; `nalar status` shows it while it lasts)", what)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Rounds every ``interval`` seconds until ``stop`` is set."""
         while not stop.is_set():
             t0 = time.monotonic()
             try:
                 await self.round()
+                self.errors.pop("round", None)
             except Exception as e:  # a lost connection, a full KV...: log it, try again next round
-                log.exception("control round failed")
-                self.errors["round"] = repr(e)
+                self._report("round", e)
             try:
                 await asyncio.wait_for(stop.wait(), max(0.0, self.interval - (time.monotonic() - t0)))
             except asyncio.TimeoutError:
@@ -247,8 +262,7 @@ class PolicyActor:
                 p.decide(view, act)
                 self.errors.pop(name, None)
             except Exception as e:  # a broken policy is reported, the others still run
-                log.exception("policy %s failed", name)
-                self.errors[name] = repr(e)
+                self._report(name, e, f"policy {name} failed")
         ops = [op.to_wire() for op in act.batch()]  # the wire form: applied here, then broadcast
         if act.refused:
             self.refused = (self.refused + act.refused)[-20:]

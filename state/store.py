@@ -122,7 +122,7 @@ class Store:
 
     def __init__(self, path: str, map_size: int = DEFAULT_MAP_SIZE, max_map_size: int | None = None,
                  sync: bool = True, history: int = DEFAULT_HISTORY) -> None:
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(path, mode=0o700, exist_ok=True)  # sessions' state: its owner's only
         self.path = path
         self.max_map_size = max_map_size or int(os.environ.get("NALAR_STATE_MAX_MAP", DEFAULT_MAX_MAP_SIZE))
         self.history = max(1, int(os.environ.get("NALAR_STATE_HISTORY", history)))

@@ -268,6 +268,98 @@ async def test_stolen_node_credentials_still_cannot_decide(at_up: Up) -> None:
         await nc.close()
 
 
+async def test_stolen_policy_credentials_still_cannot_break_the_hints(at_up: Up) -> None:
+    """The server lets a policy credential publish decisions; the nodes still refuse what breaks the hints."""
+    up = at_up
+    node = await asyncio.to_thread(_status, up)
+    with nalar.connect(up.url, up.ns, role="operator") as op:
+        term = op.policy_status()["term"]
+    assert isinstance(term, int) and term > 0  # the `nalar up`'s policy actor leads, elected
+    v = node["control"]["applied_version"]
+    before = dict(node["control"].get("refused") or {})
+    nc = await _raw(up, "policy")
+    try:
+        p = f"nalar.{up.ns}.policy"
+        await nc.publish(p, orjson.dumps({"v": v + 1, "prev": v, "term": term,
+                                          "ops": [["scale", node["node"], "Notebook", 0, []]]}))
+        await nc.publish(p, orjson.dumps({"v": v + 1, "prev": v, "term": term,
+                                          "ops": [["scale", node["node"], "Echo", 10 ** 6, []]]}))
+        await nc.publish(p, orjson.dumps({"v": 2 ** 53, "full": True, "term": term,
+                                          "ops": [["scale", node["node"], "Echo", 40, []]]}))
+        await nc.flush()
+        assert not nc.denied  # the server let them through: the nodes' own checks are what refuse them
+    finally:
+        await nc.close()
+
+    def refused() -> dict[str, Any] | None:
+        st = _status(up)
+        r = st["control"].get("refused") or {}
+        grown = all(r.get(k, 0) > before.get(k, 0) for k in ("below_min", "absurd_count", "version_jump"))
+        return st if grown else None
+
+    from conftest import wait_for
+
+    after = await asyncio.to_thread(wait_for, refused, 30, "the node to refuse all three")
+    assert {a: len(x["instances"]) for a, x in after["actors"].items()} == \
+        {a: len(x["instances"]) for a, x in node["actors"].items()}
+    assert after["control"]["applied_version"] < 2 ** 53
+
+
+async def test_nobody_gets_a_server_or_a_node_to_write_for_them(at_up: Up) -> None:
+    """Answers bounced onto a KV key or the state log: the JetStream API (which answers on any reply
+    subject from inside the server) is not a client's at all, and nodes and the policy actor answer
+    only on inboxes, whatever reply subject a message names."""
+    import base64
+
+    up = at_up
+    with nalar.connect(up.url, up.ns, role="operator") as op:
+        op.stub("Notebook", session="bounce").add("keep me").result(30)
+        before = op.policy_status()
+        notes = op.state_show("bounce")["units"]["Notebook"]["objects"]["notes"]
+    node = await asyncio.to_thread(_status, up)
+    b64 = [base64.urlsafe_b64encode(x).rstrip(b"=").decode() for x in (b"bounce", b"Notebook")]
+    lease, unit = f"$KV.nalar_{up.ns}_leader.leader", f"nalar.{up.ns}.state.{b64[0]}.{b64[1]}"
+    client, operator = await _raw(up, "client"), await _raw(up, "operator")
+    try:
+        await client.publish(f"$JS.API.STREAM.INFO.KV_nalar_{up.ns}_policy", b"", reply=lease)
+        await _denied(client, f'publish to "$js.api.stream.info.kv_nalar_{up.ns}_policy"')
+        await client.publish(f"$JS.API.DIRECT.GET.KV_nalar_{up.ns}_leader", b"{}", reply=unit)
+        await _denied(client, "publish to \"$js.api.direct.get")
+        for _ in range(20):  # a node's answer (and its ack) aimed at the state log; the policy's at the lease
+            await client.publish(f"nalar.{up.ns}.call.Echo", orjson.dumps({"m": "echo", "a": ["pwned"], "k": {}}),
+                                 reply=unit, headers={"Nalar-Id": uuid.uuid4().hex, "Nalar-Deadline": str(time.time() + 30)})
+            await operator.publish(f"nalar.{up.ns}.policy.status", b"{}", reply=lease)
+        await client.flush()
+        await operator.flush()
+    finally:
+        await client.close()
+        await operator.close()
+
+    def dropped() -> dict[str, Any] | None:
+        st = _status(up)
+        return st if st["malformed"].get("reply", 0) >= node["malformed"].get("reply", 0) + 20 else None
+
+    from conftest import wait_for
+
+    await asyncio.to_thread(wait_for, dropped, 30, "the node to drop the 20 calls answered elsewhere")
+    with nalar.connect(up.url, up.ns, role="operator") as op:
+        after = op.policy_status()
+        assert op.state_show("bounce")["units"]["Notebook"]["objects"]["notes"] == notes == ["keep me"]
+        op.stub("Notebook", session="bounce").add("and me").result(30)  # the unit's log is whole: it commits
+        assert op.state_show("bounce")["units"]["Notebook"]["objects"]["notes"] == ["keep me", "and me"]
+    assert after["leader"] == before["leader"] and after["term"] == before["term"]  # never deposed
+
+
+def test_future_ids_cannot_be_guessed_from_one_another(at_up: Up) -> None:
+    with nalar.connect(at_up.url, at_up.ns) as c:
+        a, b = c.stub("Echo").echo(1), c.stub("Echo").echo(2)
+        a.result(30), b.result(30)
+    pa, ta = a.id.split("-")
+    pb, tb = b.id.split("-")
+    assert pa == pb and len(pa) == 16  # the process: 64 random bits
+    assert ta[:-16] != tb[:-16] and ta[-16:] != tb[-16:] and all(len(t) >= 17 for t in (ta, tb))
+
+
 def test_insecure_is_explicit_and_loud(tmp_path: Path) -> None:
     env = node_env({"NALAR_HOME": str(tmp_path / "home")})
     env.pop("NALAR_NATS_URL", None)

@@ -24,10 +24,13 @@ def test_results_and_calls_near_max_payload_fail_clearly_and_keep_the_connection
         rough.echo("x" * (limit - 20))
     with pytest.raises(nalar.RemoteError, match="characters cut"):
         rough.big_error(5_000_000).result(30)  # an error too large to send is trimmed, not lost
-    half = rough.blob(limit // 2 + 10)
-    with pytest.raises(nalar.BadRequest, match="max_payload"):
-        rough.echo([half, half]).result(30)  # too large only once its dependencies are filled in
+    # too large only once its dependencies are filled in: the blob waits for the gate, so it is still
+    # pending when the echo is made (a race the test would otherwise lose to a fast reply)
+    half = rough.blob(client.stub("Gate").park(limit // 2 + 10))
+    both = rough.echo([half, half])
     client.stub("Gate").release().result(30)
+    with pytest.raises(nalar.BadRequest, match="max_payload"):
+        both.result(30)
     assert bystander.result(30) == "bystander"  # the node's connection survived all of it
     assert rough.echo(1).result(30) == 1
 
@@ -180,12 +183,13 @@ def test_a_repeated_call_id_joins_the_running_call(start_node, nats_url, namespa
         nc = await nats.connect(nats_url)
         body = b'{"m": "park", "a": ["once"]}'
         subject = f"nalar.{namespace}.call.Gate"
-        first = await nc.subscribe("dup.first")
-        second = await nc.subscribe("dup.second")
-        await nc.publish(subject, body, reply="dup.first", headers={"Nalar-Id": "dup-1"})
+        inbox1, inbox2 = nc.new_inbox(), nc.new_inbox()  # nodes answer on inboxes only
+        first = await nc.subscribe(inbox1)
+        second = await nc.subscribe(inbox2)
+        await nc.publish(subject, body, reply=inbox1, headers={"Nalar-Id": "dup-1"})
         await nc.flush()
         await asyncio.get_running_loop().run_in_executor(None, lambda: client.stub("Gate").wait_started(1).result(30))
-        await nc.publish(subject, body, reply="dup.second", headers={"Nalar-Id": "dup-1", "Nalar-Attempt": "1"})
+        await nc.publish(subject, body, reply=inbox2, headers={"Nalar-Id": "dup-1", "Nalar-Attempt": "1"})
         await nc.flush()
         await asyncio.get_running_loop().run_in_executor(None, lambda: client.stub("Gate").release().result(30))
         out = [orjson.loads((await first.next_msg(10)).data), orjson.loads((await second.next_msg(10)).data)]

@@ -198,6 +198,15 @@ class Enforcer:
         if reply:
             self.rt.send(reply, env.dumps({"node": self.book.name, "v": self.table.version}))
 
+    def on_snapshot_request(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        """A client asks for the decisions in force (it has no JetStream reads): this node's table, in full,
+        with the term it follows; the client checks it as it would the stored snapshot."""
+        if not reply:
+            return
+        t = self.table
+        body = {"v": t.version, "term": self.rt.terms.term, "ops": [op.to_wire() for op in t.snapshot_ops()]}
+        self.rt.send(reply, env.encode_result(body))
+
     def migrate(self, op: Migrate) -> None:
         """``migrate(session, src, dst)``: queued calls go to ``dst`` (its route is already set)."""
         g = self.book.groups.get(op.actor)

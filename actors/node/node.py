@@ -115,6 +115,7 @@ class Node:
         self._subs.append(await sub(rt.subjects.status, self.reporter.on_status))
         self._subs.append(await sub(rt.subjects.node(self.name), self.reporter.on_control))
         self._subs.append(await sub(rt.subjects.metrics, self.reporter.on_metrics))
+        self._subs.append(await sub(rt.subjects.policy_snapshot, self.enforcer.on_snapshot_request, queue="snapshot"))
         rt.on_decisions = self.enforcer.on_decisions
         if rt.table.version:  # decisions loaded before we were listening for them
             self.enforcer.on_decisions(rt.table.snapshot_ops(), "")
@@ -194,7 +195,7 @@ class Node:
         ex = self.executor
         if book.active:
             log.warning("node %s is stopping: cancelling the %d calls it still holds (futures %s)", self.name,
-                        len(book.active), list(book.active)[:20])
+                        len(book.active), list(book.active)[:3])
         for c in list(book.active.values()):  # still running after the grace period: answer them
             ex.abort(c, Cancelled, _STOPPING)
         for g in self.groups.values():
