@@ -10,12 +10,15 @@ of the installed ``nalar`` instead of an error or a second copy of the package.
 from nalar.actors import (ALL_COMPLETED, DEFAULT_RETRY, NO_RETRY, RetryPolicy, FIRST_COMPLETED, FIRST_EXCEPTION, Actor, Agent, Client, Future, Hints, Local,
                      Model, Tool, connect, connect_async, deadline, gather, hints, local, session, stub, wait)
 from nalar.actors import models
+from nalar.actors.models.alias import install as _install_models_alias
 from nalar.bus.errors import (BadRequest, BusError, Cancelled, Conflict, DeadlineExceeded, DependencyFailed,
                               MalformedMessage, NalarError, Overloaded, PayloadTooLarge, RemoteError, ServerNotFound,
                               StateError, StateFull, Timeout, Unavailable, UnknownActor, UnknownMethod)
 from nalar.state.managed import ManagedDict, ManagedList, ManagedValue, managed_dict, managed_list, managed_value
 
 __version__ = "0.1.0"
+
+_install_models_alias()  # `import nalar.models`, `from nalar.models import LLM`: a module, not only an attribute
 
 __all__ = [
     "ALL_COMPLETED", "Actor", "DEFAULT_RETRY", "NO_RETRY", "RetryPolicy", "Unavailable", "Agent", "BadRequest", "BusError", "Cancelled", "Client", "Conflict", "DeadlineExceeded",

@@ -11,6 +11,7 @@ Where things live:
     simulated.py      a simulated continuous-batching engine: vLLM's scheduling, time instead of a GPU
     profiles.py       the simulated engine's cost profiles (per step, per sequence, per context token)
     tiny.py           a tiny Llama model directory made locally (no weights, no download) for tests
+    alias.py          ``nalar.models``: this package under its public name, as a module
 """
 from .api import Completion, Engine, EngineStats, SamplingParams
 from .llm import LLM

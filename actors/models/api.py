@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, ClassVar
 
 
 #: Upper bounds that keep one bad call from pinning an engine (documented in the README).
@@ -95,12 +95,19 @@ class EngineStats:
         return d
 
 
+#: vLLM's scheduler limits (its ``AsyncEngineArgs`` names), which the simulated engine keeps as well.
+SCHEDULER_ARGS = frozenset({"max_model_len", "max_num_seqs", "max_num_batched_tokens"})
+
+
 class Engine(abc.ABC):
     """An LLM engine driven by one model instance. Concurrent ``generate`` calls must reach the
     engine together (it batches them); an engine never serialises its callers."""
 
     #: Shown in every ``Completion`` and in ``nalar status``.
     name: str = "engine"
+    #: Options this engine honours, with the same meaning, when they were written for another kind
+    #: (a class's ``engine_args`` after ``$NALAR_LLM`` switched its engine); see ``spec.py``.
+    portable_args: ClassVar[frozenset[str]] = frozenset()
 
     async def start(self) -> None:
         """Load weights / open connections. Called once, on the node's event loop."""
@@ -128,7 +135,15 @@ class Engine(abc.ABC):
         return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
 
     def stats(self) -> EngineStats:
+        """What the engine knows now, without waiting. Called on the engine's loop (the node's
+        metrics, every round), so it must never block; ``LLM.engine_stats`` hops there from any
+        other thread."""
         return EngineStats()
+
+    async def fresh_stats(self) -> EngineStats:
+        """``stats()``, first bringing a reading up to date where the engine must ask for one (a
+        server's ``/metrics``): what a caller that asked once should see. On the engine's loop."""
+        return self.stats()
 
     def kv_capacity_tokens(self) -> int | None:
         """Tokens the engine's KV cache holds, once started; ``None`` if it cannot tell (a remote

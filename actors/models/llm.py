@@ -2,6 +2,7 @@
 
     class Writer(nalar.models.LLM):
         engine = "vllm:/models/llama-3.1-8b"      # or "sim:llama3-8b-a100", "openai:http://vllm:8000/v1"
+        engine_args = {"max_model_len": 8192}     # for that engine; see ``spec.engine_args_for``
 
 Methods are ``async def``, so one instance runs many calls at once and they reach the engine
 together, which batches them; the instance never serialises its callers. ``max_concurrency`` bounds
@@ -19,13 +20,17 @@ capacity (an OpenAI-compatible server) are not budgeted.
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Any, ClassVar
 
 from ..base import Model
 from ..context import session as current_session
 from ..hints import hints
 from .api import Completion, Engine, SamplingParams, check_messages, check_prompt
-from .spec import args_for, make_engine, spec_for
+from .spec import engine_args_for, make_engine, spec_for
+
+#: How long ``engine_stats`` called off the engine's loop waits for it (a /metrics read included).
+STATS_WAIT_S = 5.0
 
 
 @hints(max_concurrency=256)
@@ -44,12 +49,14 @@ class LLM(Model):
 
     def __init__(self) -> None:
         self._engine: Engine | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the engine's: the node's, where it started
         self._id = ""
 
     async def on_start(self) -> None:
         spec = spec_for(self.actor_name, self.engine)
-        eng = make_engine(spec, args_for(self.engine_args))
+        eng = make_engine(spec, engine_args_for(self.actor_name, self.engine, spec, self.engine_args))
         await eng.start()
+        self._loop = asyncio.get_running_loop()
         self._engine = eng
 
     async def on_stop(self) -> None:
@@ -90,8 +97,28 @@ class LLM(Model):
         return int(cap * self.kv_budget)
 
     def engine_stats(self) -> dict[str, Any]:
-        """Running/waiting sequences, KV use and prefix-cache hit rate, for the local controller."""
-        return self._engine.stats().to_dict() if self._engine is not None else {}
+        """Running/waiting sequences, KV use and prefix-cache hit rate, for the local controller.
+
+        Always gathered on the engine's loop: an engine's state (and an OpenAI engine's reads of its
+        server's ``/metrics``) belong to it, but as a ``def`` this runs on the instance's own thread
+        when a caller asks. The node's metrics call it on the loop, and get what the engine has now
+        without a wait; from any other thread it hops to the loop and waits for ``fresh_stats()``.
+        """
+        eng, loop = self._engine, self._loop
+        if eng is None:
+            return {}
+        try:
+            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if loop is None or here is not None or loop.is_closed():
+            return eng.stats().to_dict()  # on a loop (the engine's, every metrics round): never wait
+        fut = asyncio.run_coroutine_threadsafe(eng.fresh_stats(), loop)
+        try:
+            return fut.result(STATS_WAIT_S).to_dict()
+        except TimeoutError:
+            fut.cancel()
+            raise TimeoutError(f"{self.actor_name}: the engine's loop gave no stats within {STATS_WAIT_S} s") from None
 
     def _done(self, c: Completion) -> dict[str, Any]:
         c.instance = self._nalar_instance

@@ -15,7 +15,10 @@ an error never carries its credentials or query values (``shown_url``): the erro
 
 Stats: ``running`` counts this engine's requests in flight. Where the server exports Prometheus
 metrics (vLLM's ``/metrics``), ``stats()`` reads them at most once a second, in the background, and
-reports the server's running/waiting requests, KV-cache use and prefix-cache hit rate instead.
+reports the server's running/waiting requests, KV-cache use and prefix-cache hit rate instead. The
+read is always a task on the engine's own loop (the one it started on, which owns the HTTP pool),
+whichever thread asks: a caller on another thread (``LLM.engine_stats`` is a ``def``, run on the
+instance's thread) schedules it there, and ``fresh_stats()`` waits for it, so asking once is enough.
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ log = logging.getLogger("nalar.models.openai")
 #: How often (at most) the server's /metrics is read, and for how long a reading counts as current.
 METRICS_EVERY_S = 1.0
 METRICS_FRESH_S = 5.0
+#: How long one read of /metrics may take (``fresh_stats`` waits at most this, plus a little).
+METRICS_TIMEOUT_S = 2.0
 
 
 class OpenAIEngine(Engine):
@@ -68,9 +73,11 @@ class OpenAIEngine(Engine):
         self._metrics_off_until = 0.0  # after a failure: back off (a server without /metrics)
         self._metrics_task: asyncio.Task[None] | None = None
         self._prefix_base: tuple[float, float] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the engine started on
 
     # -- life cycle --------------------------------------------------------------------------------
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self._client = httpx.AsyncClient(
             headers=headers, timeout=httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s)),
@@ -218,7 +225,7 @@ class OpenAIEngine(Engine):
         own_hit = self._cached_tokens / self._prompt_tokens if self._prompt_tokens else 0.0
         extra: dict[str, Any] = {"in_flight": self._in_flight, "requests": self._requests}
         m = self._metrics
-        if m and now - self._metrics_at <= METRICS_FRESH_S:
+        if self._fresh(now):
             extra["source"] = "server"
             hit = own_hit
             if "hits" in m and "queries" in m:
@@ -230,24 +237,56 @@ class OpenAIEngine(Engine):
         extra["source"] = "client"
         return EngineStats(running=self._in_flight, waiting=0, prefix_hit_rate=own_hit, extra=extra)
 
+    async def fresh_stats(self) -> EngineStats:
+        """``stats()`` after a read of ``/metrics`` if the last one is stale (waits at most about
+        ``METRICS_TIMEOUT_S``; a server without metrics is not asked again for 30 s)."""
+        if not self._fresh(time.monotonic()):
+            t = self._launch_poll()
+            if t is not None:  # past the timeout, report what we have; the read goes on
+                await asyncio.wait({t}, timeout=METRICS_TIMEOUT_S + 0.5)
+        return self.stats()
+
+    def _fresh(self, now: float) -> bool:
+        return bool(self._metrics) and now - self._metrics_at <= METRICS_FRESH_S
+
     def _maybe_poll(self, now: float) -> None:
-        if self._client is None or (self._metrics_task is not None and not self._metrics_task.done()):
+        """Start a read of ``/metrics`` on the engine's loop if one is due; never blocks, any thread."""
+        loop = self._loop
+        if loop is None or self._client is None:
             return
         if now - self._metrics_tried < METRICS_EVERY_S or now < self._metrics_off_until:
+            return  # a racy read off the loop at worst schedules one launch too many: it re-checks
+        try:
+            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is loop:
+            self._launch_poll()
             return
         try:
-            loop = asyncio.get_running_loop()
+            loop.call_soon_threadsafe(self._launch_poll)
         except RuntimeError:
-            return  # called off the loop: report what we have
+            pass  # the loop is closed: the engine is going away
+
+    def _launch_poll(self) -> "asyncio.Task[None] | None":
+        """On the engine's loop: the read of ``/metrics`` in progress, or a new one if due (at most
+        one at a time, once per ``METRICS_EVERY_S``, none while backing off); ``None`` if not due."""
+        t = self._metrics_task
+        if t is not None and not t.done():
+            return t
+        now = time.monotonic()
+        if self._client is None or now - self._metrics_tried < METRICS_EVERY_S or now < self._metrics_off_until:
+            return None
         self._metrics_tried = now
-        self._metrics_task = loop.create_task(self._poll_metrics())
+        self._metrics_task = asyncio.get_running_loop().create_task(self._poll_metrics())
+        return self._metrics_task
 
     async def _poll_metrics(self) -> None:
         client = self._client
         if client is None:
             return
         try:
-            r = await client.get(self.metrics_url, timeout=2.0)
+            r = await client.get(self.metrics_url, timeout=METRICS_TIMEOUT_S)
             if r.status_code != 200:
                 raise RuntimeError(f"HTTP {r.status_code}")
             m = parse_vllm_metrics(r.text)

@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict, deque
 from typing import Any, AsyncIterator
 
-from .api import Completion, Engine, EngineStats, SamplingParams
+from .api import SCHEDULER_ARGS, Completion, Engine, EngineStats, SamplingParams
 from .profiles import Profile, profile
 
 _WORDS = ("the", "and", "for", "are", "but", "not", "you", "all", "any", "can", "had", "her", "was", "one",
@@ -53,13 +53,29 @@ class _Seq:
 
 class SimEngine(Engine):
     """``sim:PROFILE``. ``speed`` divides every simulated duration (tests run the same schedule faster);
-    other keyword arguments override the profile's numbers (e.g. ``kv_capacity_tokens``)."""
+    other keyword arguments override the profile's numbers (e.g. ``kv_capacity_tokens``).
+
+    vLLM's scheduler limits mean here what they mean there, so a model written for vLLM runs on the
+    simulation unchanged: ``max_num_seqs``, ``max_num_batched_tokens`` (the profile's
+    ``max_batched_tokens``) and ``max_model_len`` (a prompt plus ``max_tokens`` over it is a
+    ``ValueError``, as vLLM refuses it)."""
+
+    portable_args = SCHEDULER_ARGS
 
     def __init__(self, profile_name: str = "llama3-8b-a100", speed: float = 1.0, seed: int = 0,
+                 max_model_len: int | None = None, max_num_batched_tokens: int | None = None,
                  **overrides: Any) -> None:
         if not isinstance(speed, (int, float)) or speed <= 0:
             raise ValueError(f"speed must be a number > 0, not {speed!r}")
+        for name, v in (("max_model_len", max_model_len), ("max_num_batched_tokens", max_num_batched_tokens)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 2):
+                raise ValueError(f"{name} must be an int >= 2, not {v!r}")
+        if max_num_batched_tokens is not None:
+            if "max_batched_tokens" in overrides:
+                raise ValueError("give max_num_batched_tokens (vLLM's name) or max_batched_tokens, not both")
+            overrides["max_batched_tokens"] = max_num_batched_tokens
         self.p: Profile = profile(profile_name, **overrides)
+        self.max_model_len = max_model_len
         self.name = f"simulated:{self.p.name}"
         self.speed = float(speed)
         self._rng = random.Random(seed)
@@ -136,6 +152,9 @@ class SimEngine(Engine):
         if self._task is None or self._task.done():
             raise RuntimeError("the simulated engine is not running")
         pt = self._tokens(prompt)
+        if self.max_model_len is not None and pt + params.max_tokens > self.max_model_len:
+            raise ValueError(f"the prompt ({pt} tokens) plus max_tokens={params.max_tokens} is over the model's "
+                             f"context of {self.max_model_len} tokens (max_model_len)")
         # Without ignore_eos a real model stops somewhere before max_tokens; draw where, reproducibly.
         out = params.max_tokens if params.ignore_eos else max(1, int(params.max_tokens * self._rng.uniform(0.3, 1.0)))
         if pt + out > self.p.kv_capacity_tokens:

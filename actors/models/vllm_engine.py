@@ -21,13 +21,14 @@ import os
 import uuid
 from typing import Any, AsyncGenerator, AsyncIterator, Callable
 
-from .api import Completion, Engine, EngineStats, SamplingParams, now_ms
+from .api import SCHEDULER_ARGS, Completion, Engine, EngineStats, SamplingParams, now_ms
 
 log = logging.getLogger("nalar.models.vllm")
 
 
 class VllmEngine(Engine):
     name = "vllm"
+    portable_args = SCHEDULER_ARGS
 
     def __init__(self, model: str, **engine_args: Any) -> None:
         if not isinstance(model, str) or not model:
@@ -249,7 +250,9 @@ class VllmEngine(Engine):
     def stats(self) -> EngineStats:
         """``running``: sequences in the engine's running batch; ``waiting``: the rest of the requests
         in flight (queued in the scheduler, or still being tokenized). Both are bounded by the
-        requests this engine has in flight, so a stale scheduler report never shows phantom work."""
+        requests this engine has in flight, so a stale scheduler report never shows phantom work.
+        Nothing here needs the loop (plain reads of what the stat logger recorded there), and
+        ``LLM.engine_stats`` calls it on the loop anyway, so the counts are read where they are written."""
         n = self._in_flight
         running = min(self._sched_running, n)
         try:  # requests the engine still holds (the output processor's count): cheap, in-process
