@@ -5,7 +5,9 @@ Settings come from arguments, else from the environment:
 ``NALAR_NATS_URL`` (comma-separated for a cluster), ``NALAR_NATS_TOKEN``, ``NALAR_NATS_USER`` and
 ``NALAR_NATS_PASSWORD``, ``NALAR_NATS_CREDS`` (a .creds file), ``NALAR_NATS_NKEY`` (an nkeys seed
 file) or ``NALAR_NATS_NKEY_SEED`` (the seed itself, as docker-compose passes it), ``NALAR_NATS_TLS_CA`` / ``NALAR_NATS_TLS_CERT`` / ``NALAR_NATS_TLS_KEY``. Without a URL, the
-``nalar up`` running on this machine is found through its discovery file.
+``nalar up`` running on this machine is found through its discovery file. ``NALAR_CONNECT_TIMEOUT``
+bounds a first connection (seconds, default 10): past it, or on any failure, one ``BusError`` names the
+URL and the cause (the CLI sets it from ``--timeout``).
 
 Without any credential in the environment, a process takes its role's credential from
 ``$NALAR_HOME/auth/<namespace>/<role>.nk`` if there is one (``nalar up`` and ``nalar auth init`` write
@@ -15,13 +17,17 @@ node, ``nalar status`` as an operator, ``nalar.connect()`` as a client.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import math
 import re
+import socket
 import ssl
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
+from urllib.parse import urlparse
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
@@ -170,8 +176,15 @@ class _Client(NatsClient):
         return out
 
 
-async def open_connection(opts: ConnectOptions, on_closed: Callable[[], None] | None = None) -> NatsClient:
-    """Connect, failing clearly if no server answers; once connected, reconnect forever."""
+async def open_connection(opts: ConnectOptions, on_closed: Callable[[], None] | None = None,
+                          timeout: float | None = None) -> NatsClient:
+    """Connect, failing clearly if no server answers; once connected, reconnect forever.
+
+    The first connection gets ``timeout`` seconds (default ``first_connect_timeout()``) in all, tries
+    and back-off included; past it, or on any failure, a ``BusError`` names the URLs and the cause.
+    """
+    check_urls(opts.servers)  # a malformed URL is the caller's mistake: say so, without a network try
+    budget = first_connect_timeout() if timeout is None else timeout
     nc = _Client()
 
     up = [False]
@@ -189,8 +202,9 @@ async def open_connection(opts: ConnectOptions, on_closed: Callable[[], None] | 
             what = str(e).removeprefix("nats: ")
             nc.denied_count += 1
             if what not in nc.denied:
-                log.warning("nats: the server refused this (%s's permissions, namespace %r): %s", opts.role,
-                            opts.namespace, what)
+                log.warning("nats: the server's permissions refused this to the credential from %s (connected as "
+                            "role %s, namespace %r): %s", opts.source or "the arguments", opts.role, opts.namespace,
+                            what)
             nc.denied.append(what)
         elif not (nc.is_closed or nc.is_draining):
             log.warning("nats: %r", e)
@@ -209,7 +223,7 @@ async def open_connection(opts: ConnectOptions, on_closed: Callable[[], None] | 
     kwargs: dict[str, Any] = dict(
         servers=opts.servers,
         name=opts.name,
-        connect_timeout=opts.connect_timeout,
+        connect_timeout=min(opts.connect_timeout, budget),  # one try never outlasts the budget
         allow_reconnect=True,
         max_reconnect_attempts=2,  # for the first connect; forever once connected (below)
         reconnect_time_wait=0.5,
@@ -236,25 +250,26 @@ async def open_connection(opts: ConnectOptions, on_closed: Callable[[], None] | 
     if tls is not None:
         kwargs["tls"] = tls
     # nats-py can hang after some first-connect failures (a TLS certificate it rejects, for one), so
-    # the whole first attempt gets a budget of its own: 3 tries per server plus the back-off.
-    budget = (opts.connect_timeout + 1.0) * 3 * max(1, len(opts.servers)) + 2.0
+    # the whole first attempt runs under the budget, whatever nats-py does inside it.
     connecting = asyncio.ensure_future(nc.connect(**kwargs))
     gave_up = asyncio.ensure_future(fatal.wait())
     try:
         await asyncio.wait({connecting, gave_up}, timeout=budget, return_when=asyncio.FIRST_COMPLETED)
         if not connecting.done():
             connecting.cancel()
+            if fatal.is_set():  # a refused certificate or credential: that is the cause, not the time
+                raise first_errors[-1]
             raise asyncio.TimeoutError()
         connecting.result()
     except Exception as e:  # nats-py raises several types here; one clear message for all
         try:
-            await asyncio.wait_for(nc.close(), 2.0)  # closing a half-made connection can hang too
+            await asyncio.wait_for(nc.close(), 1.0)  # closing a half-made connection can hang too
         except Exception:
             pass
-        cause = first_errors[-1] if isinstance(e, asyncio.TimeoutError) and first_errors else e
-        if _refused(cause) or any(_refused(x) for x in first_errors):
+        if any(_refused(x) for x in (e, *first_errors)):
             raise BusError(_refused_message(opts)) from None
-        raise BusError(f"cannot connect to NATS at {', '.join(opts.servers)}: {cause!r}") from e
+        raise BusError(f"cannot connect to NATS at {', '.join(opts.servers)}: "
+                       f"{_causes(e, first_errors, budget, len(opts.servers) > 1)}") from e
     finally:
         gave_up.cancel()
     nc.options["max_reconnect_attempts"] = -1
@@ -277,3 +292,89 @@ def _refused_message(opts: ConnectOptions) -> str:
             f"{auth.default_dir(opts.namespace)}; elsewhere copy the role's seed file from there (or from "
             f"`nalar auth init --dir DIR`) and set NALAR_NATS_NKEY=/path/to/{opts.role}.nk "
             f"(or NALAR_NATS_CREDS / NALAR_NATS_USER and NALAR_NATS_PASSWORD)")
+
+
+#: A first connection's budget in seconds when neither the caller nor ``NALAR_CONNECT_TIMEOUT`` sets one.
+FIRST_CONNECT_TIMEOUT = 10.0
+_SCHEMES = ("nats", "tls", "ws", "wss")
+_ADDR = re.compile(r"\('([^']*)', (\d+)")
+
+
+def first_connect_timeout() -> float:
+    """``NALAR_CONNECT_TIMEOUT`` (finite seconds > 0), else ``FIRST_CONNECT_TIMEOUT``."""
+    raw = os.environ.get("NALAR_CONNECT_TIMEOUT")
+    if raw:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and value > 0:
+            return value
+        log.warning("ignoring NALAR_CONNECT_TIMEOUT=%r (not a finite number > 0); using %g s", raw,
+                    FIRST_CONNECT_TIMEOUT)
+    return FIRST_CONNECT_TIMEOUT
+
+
+def check_urls(servers: list[str]) -> None:
+    """Refuse what nats-py would mangle or retry for nothing: ``http://h:1`` becomes ``nats://http://h:1``."""
+    if not servers:
+        raise BusError("no NATS URL given: expected nats://HOST:PORT (comma-separated for a cluster)")
+    for url in servers:
+        bad = f"bad NATS URL {url!r}: expected nats://HOST:PORT (or tls://, ws://, wss://)"
+        if any(c.isspace() for c in url):
+            raise BusError(bad)
+        parsed = urlparse(url if "://" in url else f"nats://{url}")
+        try:
+            parsed.port  # noqa: B018 - raises on a port that is not a number in 0-65535
+        except ValueError as e:
+            raise BusError(f"{bad}: {e}") from None
+        if parsed.scheme not in _SCHEMES or not parsed.hostname:
+            raise BusError(bad)
+        if parsed.scheme in ("nats", "tls") and parsed.path not in ("", "/"):
+            raise BusError(bad)
+
+
+def _causes(e: BaseException, errors: list[Exception], budget: float, many: bool) -> str:
+    """What went wrong, each cause once (with the addresses it happened at, for several URLs): a first
+    connect makes several tries, often failing alike."""
+    seen: list[BaseException] = [x for x in errors if not isinstance(x, nats.errors.NoServersError)]
+    gave_up = ""
+    if isinstance(e, asyncio.TimeoutError) and seen and not many:
+        gave_up = f" (gave up after {budget:g} s)"  # the budget ended the retries: the errors say why
+    elif isinstance(e, asyncio.TimeoutError) or not seen:
+        seen.append(e)  # our budget ran out, or nats-py's own exception is the only word there is
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for x in seen:
+        if isinstance(x, nats.errors.NoServersError):
+            continue
+        head, tail = _cause(x, budget)
+        where = grouped.setdefault((head, tail), [])
+        m = _ADDR.search(str(x)) if many else None  # asyncio names the address it tried
+        if m and f"{m.group(1)}:{m.group(2)}" not in where:
+            where.append(f"{m.group(1)}:{m.group(2)}")
+    texts = [head + (f" at {', '.join(where)}" if where else "") + tail for (head, tail), where in grouped.items()]
+    return ("; ".join(texts) or "no server could be reached") + gave_up
+
+
+def _cause(e: BaseException, budget: float) -> tuple[str, str]:
+    """(what happened, why it may have): an address goes between the two."""
+    codes = set(re.findall(r"\[Errno (\d+)\]", str(e))) if isinstance(e, OSError) else set()
+    if isinstance(e, ConnectionRefusedError) or codes == {str(errno.ECONNREFUSED)}:  # also: every address of a name
+        return "connection refused", " (nothing listens there: is the server running, on that port?)"
+    if isinstance(e, socket.gaierror):
+        return "cannot resolve the host name", f" ({e.strerror or e})"
+    if isinstance(e, asyncio.TimeoutError):
+        return (f"no NATS server answered within {budget:g} s", " (nothing responds at that address, or what "
+                "accepts the connection does not speak NATS)")
+    if isinstance(e, ssl.SSLError):
+        detail = getattr(e, "verify_message", None)  # what was wrong with the certificate, if that was it
+        return "TLS failed", f": {e.reason or e}{f' ({detail})' if detail else ''}"
+    if isinstance(e, nats.errors.UnexpectedEOF):
+        return "the server closed the connection during the handshake", " (is it a NATS server? does it want TLS?)"
+    if isinstance(e, nats.errors.Error) and "expecting INFO" in str(e):
+        return "what answered is not a NATS server", " (no INFO greeting)"
+    if isinstance(e, OSError):
+        return str(e.strerror or e), ""
+    if isinstance(e, nats.errors.Error):
+        return str(e).removeprefix("nats: "), ""
+    return repr(e), ""

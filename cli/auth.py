@@ -25,11 +25,12 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
 
     common(asub.add_parser("init", help="create the client, operator, node and policy credentials (if missing)"))
     add = asub.add_parser("add", help="one more credential, e.g. one per client application")
-    add.add_argument("name")
-    add.add_argument("--role", required=True, choices=auth.ROLES)
+    add.add_argument("name", help="the credential's name: letters, digits, '_' and '-' (its seed is NAME.nk)")
+    add.add_argument("--role", required=True, choices=auth.ROLES,
+                     help="what it may do: client (calls), operator (status, state), node, policy (README: Security)")
     common(add)
     rm = asub.add_parser("remove", help="remove a credential (the server refuses it from its next reload)")
-    rm.add_argument("name")
+    rm.add_argument("name", help="the credential to remove")
     common(rm)
     common(asub.add_parser("show", help="list the credentials: name, role, public key, seed file"))
     common(asub.add_parser("env", help="print the credentials as a .env file for docker-compose (creating them "

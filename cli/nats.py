@@ -32,7 +32,8 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
     p.add_argument("--tls-key", default=None, help="... and this key")
     p.add_argument("--tls-ca", default=None, help="also require client certificates signed by this CA")
     p.add_argument("--monitor", default=None, metavar="HOST:PORT", help="serve the HTTP monitor here (default: off)")
-    p.add_argument("--max-payload", type=int, default=None, metavar="BYTES")
+    p.add_argument("--max-payload", type=int, default=None, metavar="BYTES",
+                   help="the largest message the server takes, headers included (default: 8 MiB, as nalar up)")
 
 
 def config_lines(a: argparse.Namespace) -> str:

@@ -273,7 +273,9 @@ async def test_stolen_policy_credentials_still_cannot_break_the_hints(at_up: Up)
     up = at_up
     node = await asyncio.to_thread(_status, up)
     with nalar.connect(up.url, up.ns, role="operator") as op:
-        term = op.policy_status()["term"]
+        pst = op.policy_status()
+    assert pst is not None
+    term = pst["term"]
     assert isinstance(term, int) and term > 0  # the `nalar up`'s policy actor leads, elected
     v = node["control"]["applied_version"]
     before = dict(node["control"].get("refused") or {})
@@ -347,6 +349,7 @@ async def test_nobody_gets_a_server_or_a_node_to_write_for_them(at_up: Up) -> No
         assert op.state_show("bounce")["units"]["Notebook"]["objects"]["notes"] == notes == ["keep me"]
         op.stub("Notebook", session="bounce").add("and me").result(30)  # the unit's log is whole: it commits
         assert op.state_show("bounce")["units"]["Notebook"]["objects"]["notes"] == ["keep me", "and me"]
+    assert after is not None and before is not None
     assert after["leader"] == before["leader"] and after["term"] == before["term"]  # never deposed
 
 
