@@ -472,6 +472,13 @@ def _run(argv: list[str] | None) -> int:
         return exits.USAGE
     except BrokenPipeError:
         raise
+    except RuntimeError as e:
+        from ..actors.node.hosting import StartFailed  # (not imported for commands that serve nothing)
+
+        if not isinstance(e, StartFailed):
+            raise
+        _err(e)  # the user's on_start: what and where, in a line
+        return exits.REMOTE
     except OSError as e:  # a directory that cannot be made, a file that cannot be read
         _err(f"{e.strerror or e}: {e.filename}" if e.filename else e)
         return exits.USAGE

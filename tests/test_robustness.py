@@ -110,7 +110,10 @@ def test_a_failing_on_start_fails_the_node_clearly(nats_url, namespace):
     with pytest.raises(RuntimeError, match="exited before it was ready"):
         p.wait_ready()
     assert p.proc.wait(30) != 0
-    assert "cannot reach my database" in "".join(p.output)
+    out = "".join(p.output)
+    # the user's error and where in their code, in a line: not the runtime's 37-line traceback
+    assert "on_start failed: RuntimeError: cannot reach my database (at sample_actors.py:" in out, out
+    assert "Traceback" not in out and len(p.output) <= 3, out
 
 
 def test_stopping_node_answers_its_in_flight_calls(nats_url, namespace, client):

@@ -5,17 +5,33 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import traceback
 from functools import partial
 from typing import Any, Callable
 
 import pykka
 
+from ...bus import errors
 from ..base import run_hook
 from .calls import ActorGroup, Book, Call, Instance
 
 log = logging.getLogger("nalar.node")
 _KEEP: set[asyncio.Task[None]] = set()  # on_stop tasks still running (the loop keeps only weak refs)
 
+
+
+class StartFailed(RuntimeError):
+    """An instance's ``on_start`` raised: the user's error, said in a line and where it came from (the
+    frame of their code it was raised in), not as the runtime's whole traceback."""
+
+    def __init__(self, instance: str, cause: BaseException) -> None:
+        self.instance, self.cause = instance, cause
+        where = ""
+        tb = traceback.extract_tb(cause.__traceback__)
+        if tb:
+            f = tb[-1]
+            where = f" (at {errors.wire_filename(f.filename)}:{f.lineno}, in {f.name})"
+        super().__init__(f"{instance}: on_start failed: {type(cause).__name__}: {cause}{where}")
 
 class _Host(pykka.ThreadingActor):
     """The pykka actor behind a sync instance: its mailbox serialises the instance's calls.
@@ -59,11 +75,11 @@ class Hosting:
         return Instance(iid, g, obj, g.hints.concurrency_for(g.has_async))
 
     async def start(self, inst: Instance) -> None:
-        """Run ``on_start`` (a failure raises), then give a sync instance its thread."""
+        """Run ``on_start`` (a failure raises ``StartFailed``), then give a sync instance its thread."""
         try:
             await run_hook(inst.obj.on_start)
         except Exception as e:
-            raise RuntimeError(f"{inst.id}: on_start failed: {e!r}") from e
+            raise StartFailed(inst.id, e) from e
         if inst.group.has_sync:
             inst.host = _Host.start(self.run_sync, inst)
 
