@@ -514,3 +514,12 @@ def test_a_client_asking_for_status_hears_why_not(at_up: Up) -> None:
     with nalar.connect(at_up.url, at_up.ns) as c:  # role client
         with pytest.raises(nalar.BusError, match="may not ask nodes for their status.*operator"):
             c.status(timeout=0.5)
+
+
+def test_a_benchmark_pointed_at_an_authenticated_server_says_why_not(at_up: Up) -> None:
+    env = node_env({"NALAR_HOME": str(at_up.home)})
+    t = time.monotonic()
+    r = subprocess.run([*NALAR, "bench", "calls", "--nats", at_up.url], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 3 and "requires credentials" in r.stderr and "--insecure" in r.stderr, r.stdout + r.stderr
+    assert time.monotonic() - t < 20 and "Traceback" not in r.stderr
