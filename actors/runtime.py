@@ -424,7 +424,7 @@ class Runtime:
                 self._unkey(fut)
             raise
         if traced:
-            self._trace_call(fut, scope, headers)
+            self._trace_call(fut, scope, headers, meta)
         self._start(fut, token, meta, headers, data, enc, policy, args, kwargs)
         return fut
 
@@ -462,6 +462,8 @@ class Runtime:
         """Route it, register its future (and what a retry needs), then send it or wait for its arguments."""
         self.counters["calls"] += 1
         subject = self.route(fut.actor, meta.session)
+        if fut._span is not None:
+            fut._span.set_attribute("messaging.destination.name", subject)
         reply = self._reply_prefix + token
         self.pending[token] = fut
         if self.closed:  # closed while we were building it
@@ -554,17 +556,33 @@ class Runtime:
             return
         left = [len(deps)]
         self.post(self._submit, fut, deadline, subject, None, headers, reply)  # arm the deadline
+        wspan = [self._trace_wait(fut, deps)] if fut._span is not None else None
+
+        def end_wait(err: Any = None) -> None:  # once (list.pop is atomic): deps may finish on other threads
+            try:
+                span = wspan.pop()  # type: ignore[union-attr]
+            except IndexError:
+                return
+            if isinstance(err, BaseException):
+                tracing.record_exception(span, err)
+            span.end()
 
         def on_dep(d: Future[Any]) -> None:
             if fut._state != PENDING:
+                if wspan:
+                    end_wait()
                 return
             if d._state == FAILED:
+                if wspan:
+                    end_wait(d._value)
                 self._fail_dep(fut, d)
                 return
             with _LOCK:
                 left[0] -= 1
                 last = left[0] == 0
             if last:
+                if wspan:
+                    end_wait()
                 try:
                     data = body.fill([(m, d._value) for m, d in zip(marks, deps)])
                     env.check_size(data, headers, self.transport.max_payload, f"the call {fut.actor}.{fut.method}")
@@ -574,8 +592,18 @@ class Runtime:
                     return
                 self.post(self._send_call, fut, subject, data, headers, reply)
 
+        if wspan:  # cancelled or expired while it waited
+            fut.add_done_callback(lambda _f: end_wait())
         for d in deps:
             d.add_done_callback(on_dep)
+
+    @staticmethod
+    def _trace_wait(fut: Future[Any], deps: list[Future[Any]]) -> Any:
+        """The span of a call's wait for its argument futures: from its creation until it is sent."""
+        return tracing.TRACER.start_span(
+            f"wait dependencies {fut.actor}.{fut.method}", context=tracing.context_of(fut._span.span),
+            attributes={"nalar.future_id": fut.id, "nalar.dependencies": len(deps),
+                        "nalar.dependency_ids": [d.id for d in deps][:64]})
 
     def _fail_dep(self, fut: Future[Any], dep: Future[Any]) -> None:
         err = dep._value
@@ -602,14 +630,16 @@ class Runtime:
                 self._attempts.discard(r.rk, fut)
             fut._retry = None
 
-    def _trace_call(self, fut: Future[Any], scope: CallScope | None, headers: dict[str, str]) -> None:
+    def _trace_call(self, fut: Future[Any], scope: CallScope | None, headers: dict[str, str],
+                    meta: env.CallMeta) -> None:
         from opentelemetry.trace import SpanKind
 
         ctx = scope.otel_ctx if scope is not None else None
+        attrs = tracing.call_attributes(fut.actor, fut.method, "", meta)  # the subject: ``_start`` routes it
+        attrs["nalar.caller"] = self.name
         span = tracing.TRACER.start_span(f"call {fut.actor}.{fut.method}", context=ctx, kind=SpanKind.CLIENT,
-                                         attributes={"nalar.future": fut.id, "nalar.actor": fut.actor,
-                                                     "nalar.method": fut.method})
-        fut._span = span
+                                         attributes=attrs)
+        fut._span = tracing.CallSpan(span, fut)
         headers[env.H_TRACEPARENT] = tracing.traceparent(span)
 
     # -- replies, deadlines, cancellation -------------------------------------------------------

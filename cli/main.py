@@ -18,7 +18,7 @@ import orjson
 
 from ..bus.errors import BusError, NalarError, RemoteError
 from ..bus.server import DEFAULT_MAX_PAYLOAD
-from . import exits
+from . import exits, logs
 from .args import GLOBALS, Parser, add_globals, byte_size, finish, port, settle
 from .connect import cli_client
 
@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     _replicas_arg(up)
     up.add_argument("--insecure", action="store_true",
                     help="run NATS without credentials: anyone who can reach it can do anything (tests only)")
+    logs.add_args(up)
 
     node = sub.add_parser("node", help="serve actor classes against a NATS server",
                           description="Serve actor classes until SIGINT/SIGTERM; exits non-zero if the connection "
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="calls queued per actor before new ones fail with Overloaded (default: 100000)")
     _replicas_arg(node)
     _nats_args(node)
+    logs.add_args(node)
 
     pol = sub.add_parser("policy", help="run the policy actor: gather metrics, run policies, broadcast decisions",
                          epilog=policies, formatter_class=RAW,
@@ -157,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     pol.add_argument("--name", default=None,
                      help="this policy actor's name, as `nalar status` shows it (default: HOST-PID)")
     _nats_args(pol)
+    logs.add_args(pol)
 
     from .call import ARGS_HELP
 
@@ -208,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     auth_cli.add_parser(sub)
     nats_cli.add_parser(sub)
+    from . import gateway_cmd
+
+    gateway_cmd.add_parser(sub)
 
     listing = "\n".join(textwrap.fill(text, 100, initial_indent=f"  {name:<9} ", subsequent_indent=" " * 12)
                         for name, text in BENCHMARKS.items())
@@ -419,6 +425,10 @@ def _dispatch(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from . import auth as auth_cli
 
         return auth_cli.run(a)
+    if a.cmd == "gateway":
+        from . import gateway_cmd
+
+        return gateway_cmd.run(a)
     if a.cmd == "nats":
         from . import nats as nats_cli
 
@@ -455,6 +465,7 @@ def _dispatch(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
+    logs.start(a)  # traces' service.name; logging for the serving commands
     incomplete = settle(a)
     if incomplete is not None:  # bare `nalar`, `nalar state`: what the choices are, not an error
         incomplete.print_help()

@@ -28,9 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 EXPECTED_ANSWER = "3 documents, the first: what is nalar?: result 0"
 #: The files the README's python snippets are saved as, each run by a test below.
-RUN_HERE = {"myagents.py", "client.py", "local_mode.py", "notebook.py", "writer.py", "mypolicy.py"}
+RUN_HERE = {"myagents.py", "client.py", "local_mode.py", "notebook.py", "writer.py", "mypolicy.py",
+            "openai_client.py"}
 #: What a README shell block may run; anything else is a new kind of snippet this file must learn.
-KNOWN_PROGRAMS = {"nalar", "python", "python3", "pip", ".", "docker-compose", "umask"}
+KNOWN_PROGRAMS = {"nalar", "python", "python3", "pip", ".", "docker-compose", "umask", "curl"}
 _FENCE = re.compile(r"(?:<!-- readme-(?:example|policy): (\S+) -->\s*)?^```(\w*)\n(.*?)^```", re.S | re.M)
 
 
@@ -229,6 +230,45 @@ def test_the_model_example_starts_and_answers_on_the_simulated_engine(tmp_path, 
         writer.generate("hello", max_tokens=8192).result(60)
     assert ei.value.type == "ValueError" and "max_model_len" in ei.value.message, ei.value
     assert not [line for line in node.output if "ignores engine_args" in line], node.output
+
+
+# -- HTTP gateway ----------------------------------------------------------------------------------------
+def test_the_gateway_examples_run_against_a_gateway(tmp_path, start_node, nats_url, namespace) -> None:
+    """`nalar gateway` as the README starts it (on a free port), its curl call, and the openai client
+    snippet against the Writer of the Models section on the simulated engine."""
+    import socket
+
+    from conftest import NodeProc
+
+    _write(tmp_path, "writer.py", "openai_client.py")
+    text = README.read_text()
+    start = text.index("## HTTP gateway")
+    block = re.compile(r"^```sh\n(.*?)^```", re.S | re.M).search(text, start)
+    assert block
+    gateway_cmd, curl_cmd = _commands(block.group(1))
+    assert gateway_cmd[:2] == ["nalar", "gateway"] and curl_cmd[0] == "curl", (gateway_cmd, curl_cmd)
+    start_node("nalar.workloads.demo:Notebook", "writer:Writer", env={"NALAR_LLM": "sim",
+                                                                       "PYTHONPATH": str(tmp_path)})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    args = [port if w == "8000" else w for w in gateway_cmd[2:]]
+    gw = NodeProc(args, _deployment_env(nats_url, namespace), cmd="gateway", marker="listening on")
+    try:
+        gw.wait_ready()
+        url = [w.replace("127.0.0.1:8000", f"127.0.0.1:{port}") for w in curl_cmd]
+        r = subprocess.run(url, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and json.loads(r.stdout) == {"result": 1}, (r.stdout, r.stderr)
+        (run_cmd,) = _sh_after("openai_client.py")
+        env_vars, words = _env_and_words(run_cmd)
+        env_vars["OPENAI_BASE_URL"] = env_vars["OPENAI_BASE_URL"].replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+        r = subprocess.run([sys.executable, *words[1:]], cwd=tmp_path, env=node_env(env_vars), capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        lines = r.stdout.strip().splitlines()
+        assert len(lines) == 2 and all(line.strip() for line in lines), r.stdout
+    finally:
+        gw.stop()
 
 
 # -- Writing a policy ------------------------------------------------------------------------------------

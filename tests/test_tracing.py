@@ -24,6 +24,14 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan  # noqa: E402
 SERVER, CLIENT, INTERNAL = PbSpan.SPAN_KIND_SERVER, PbSpan.SPAN_KIND_CLIENT, PbSpan.SPAN_KIND_INTERNAL
 
 
+def _value(v: Any) -> Any:
+    """An OTLP ``AnyValue`` as Python."""
+    which = v.WhichOneof("value")
+    if which == "array_value":
+        return [_value(x) for x in v.array_value.values]
+    return getattr(v, which) if which else None
+
+
 class Receiver:
     """A minimal OTLP/HTTP (protobuf) trace receiver that records every span it is sent."""
 
@@ -79,7 +87,11 @@ class Receiver:
                     got.append({"trace": s.trace_id.hex(), "id": s.span_id.hex(),
                                 "parent": s.parent_span_id.hex() if s.parent_span_id else "",
                                 "name": s.name, "kind": s.kind,
-                                "node": res.get("nalar.node"), "service": res.get("service.name")})
+                                "node": res.get("nalar.node"), "service": res.get("service.name"),
+                                "attrs": {a.key: _value(a.value) for a in s.attributes},
+                                "events": [(e.name, {a.key: _value(a.value) for a in e.attributes})
+                                           for e in s.events],
+                                "status": s.status.code})
         with self.cond:
             self.spans.extend(got)
             self.cond.notify_all()
@@ -135,6 +147,8 @@ def test_one_request_is_one_trace_across_processes(receiver: Receiver, start_nod
     node_a.stop()
     node_b.stop()
     spans = receiver.wait(_complete)
+    waits = [s for s in spans if s["name"].startswith("wait dependencies ")]  # if ``total`` was still pending
+    spans = [s for s in spans if s not in waits]
 
     by_id = {s["id"]: s for s in spans}
     assert len(by_id) == len(spans), "a span was exported twice"
@@ -176,6 +190,135 @@ def test_one_request_is_one_trace_across_processes(receiver: Receiver, start_nod
         assert q["node"] == by_id[q["parent"]]["node"]
 
     assert len(spans) == 1 + 1 + 3 + 3 + 4
+    for w in waits:
+        assert by_id[w["parent"]]["name"] == "call Calc.add"
+
+
+SEMCONV_CLIENT = """
+import sys
+import nalar
+c = nalar.connect(sys.argv[1], sys.argv[2], name="semconv-client")
+print(c.stub("Planner").plan(2, 3).result(30))
+try:
+    c.stub("Planner").nested_fail().result(30)
+except nalar.RemoteError as e:
+    print("failed as expected:", e.type)
+counter = c.stub("Counter").options(session="traced-s")
+print(counter.incr().result(30), counter.incr(5).result(30))
+gate = c.stub("Gate")
+parked = gate.park(4)  # pending until released: the next call waits for it, here, before it is sent
+added = c.stub("Calc").add(parked, 1)
+gate.wait_started(1).result(30)
+gate.release().result(30)
+print("dep", added.result(30))
+c.close()
+"""
+
+
+def _one(spans: list[dict[str, Any]], name: str, **where: Any) -> dict[str, Any]:
+    got = [s for s in spans if s["name"] == name and all(s.get(k) == v for k, v in where.items())]
+    assert len(got) == 1, (name, where, [(s["name"], s["service"]) for s in spans])
+    return got[0]
+
+
+def _exception(span: dict[str, Any]) -> dict[str, Any]:
+    events = [a for n, a in span["events"] if n == "exception"]
+    assert len(events) == 1, span
+    return events[0]
+
+
+def test_spans_follow_the_semantic_conventions(receiver: Receiver, start_node: Callable[..., Any],
+                                               nats_url: str, namespace: str) -> None:
+    """Messaging and RPC attributes, nalar's under ``nalar.``, exception events with the remote traceback,
+    dependency waits, state commits with their version, and each process's own ``service.name``."""
+    # The nodes' service environment names them; a client run in that same environment must not take
+    # the name (NALAR_SERVICE_ROLE says whom OTEL_SERVICE_NAME is for); `nalar call` is nalar-cli.
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "OTEL_SERVICE_NAME": "svc-node", "NALAR_SERVICE_ROLE": "node"}
+    node_a = start_node("sample_actors:Planner", "sample_actors:Counter", name="nodeA", env=otel)
+    node_b = start_node("sample_actors:Calc", "sample_actors:Gate", name="nodeB", env=otel)
+
+    run = subprocess.run([sys.executable, "-c", SEMCONV_CLIENT, nats_url, namespace],
+                         env=node_env(otel), capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "failed as expected: ValueError" in run.stdout and "1 6" in run.stdout and "dep 5" in run.stdout, run.stdout
+    cli = subprocess.run([sys.executable, "-m", "nalar.cli.main", "call", "--nats", nats_url, "--namespace",
+                          namespace, "Calc.where", "[]"], env=node_env(otel), capture_output=True, text=True,
+                         timeout=60)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    node_a.stop()
+    node_b.stop()
+
+    def done(spans: list[dict[str, Any]]) -> bool:
+        names = [s["name"] for s in spans]
+        return (names.count("state commit") >= 2 and "call Calc.fail" in names and "Calc.fail" in names
+                and any(n.startswith("wait dependencies") for n in names)
+                and sum(n == "call Calc.where" for n in names) >= 2)
+
+    spans = receiver.wait(done)
+    by_id = {s["id"]: s for s in spans}
+
+    # -- service.name per process ----------------------------------------------------------------
+    for s in spans:
+        assert s["service"] in ("nalar-client", "nalar-cli", "svc-node"), s
+    root = _one(spans, "call Planner.plan")
+    assert root["service"] == "nalar-client" and root["node"] == "semconv-client"
+    cli_call = _one(spans, "call Calc.where", service="nalar-cli")
+    assert cli_call["parent"] == "" and cli_call["kind"] == CLIENT
+    assert {s["service"] for s in spans if s["node"] in ("nodeA", "nodeB")} == {"svc-node"}
+
+    # -- messaging and RPC conventions, both sides ---------------------------------------------------
+    plan = _one(spans, "Planner.plan")
+    assert plan["parent"] == root["id"] and plan["kind"] == SERVER
+    for s, side in ((root, "client"), (plan, "server")):
+        a = s["attrs"]
+        assert a["messaging.system"] == "nats", (side, a)
+        assert a["messaging.destination.name"] == f"nalar.{namespace}.call.Planner", (side, a)
+        assert a["rpc.system"] == "nalar" and a["rpc.service"] == "Planner" and a["rpc.method"] == "plan"
+        assert a["nalar.future_id"] == a["nalar.request_id"]  # a root call is its own request
+        assert a["nalar.priority"] == 0 and isinstance(a["nalar.attempt"], int)
+        assert not any(k.startswith(("future", "actor", "method")) for k in a)
+    assert root["attrs"]["nalar.future_id"] == plan["attrs"]["nalar.future_id"]
+    assert plan["attrs"]["nalar.node"] == "nodeA" and plan["attrs"]["nalar.instance"].startswith("Planner")
+    child = next(s for s in spans if s["name"] == "Calc.add" and s["attrs"]["nalar.request_id"]
+                 == plan["attrs"]["nalar.request_id"])
+    assert child["attrs"]["nalar.parent_id"] == plan["attrs"]["nalar.future_id"]
+    assert child["attrs"]["nalar.node"] == "nodeB"
+
+    # -- queue spans -----------------------------------------------------------------------------------
+    for q in (s for s in spans if s["name"] == "queue"):
+        server = by_id[q["parent"]]
+        assert q["attrs"]["nalar.instance"] == server["attrs"]["nalar.instance"], q
+        assert q["attrs"]["nalar.queue.wait_ms"] >= 0 and q["attrs"]["nalar.node"] == server["attrs"]["nalar.node"]
+
+    # -- a failed call: ERROR and an exception event with the remote traceback, on both sides ---------
+    fail_server = _one(spans, "Calc.fail")
+    fail_client = _one(spans, "call Calc.fail")
+    assert fail_server["parent"] == fail_client["id"] and fail_client["node"] == "nodeA"
+    for s in (fail_server, fail_client, _one(spans, "Planner.nested_fail"), _one(spans, "call Planner.nested_fail")):
+        assert s["status"] == 2, s  # STATUS_CODE_ERROR
+        e = _exception(s)
+        assert e["exception.type"] == "ValueError" and e["exception.message"] == "deep failure", e
+        assert "raise ValueError(message)" in e["exception.stacktrace"], e  # the executor's traceback
+        assert s["attrs"]["error.type"] == "ValueError"
+    assert "sample_actors.py" in _exception(_one(spans, "call Planner.nested_fail"))["exception.stacktrace"]
+
+    # -- waits on dependencies: from the call's creation until it is sent -------------------------------
+    waits = [s for s in spans if s["name"] == "wait dependencies Calc.add" and s["service"] == "nalar-client"]
+    assert len(waits) == 1, [s["name"] for s in spans]
+    w = waits[0]
+    call = by_id[w["parent"]]
+    assert call["name"] == "call Calc.add" and call["service"] == "nalar-client"
+    assert w["attrs"]["nalar.dependencies"] == 1 and w["attrs"]["nalar.future_id"] == call["attrs"]["nalar.future_id"]
+
+    # -- state commits, with the version each made --------------------------------------------------------
+    commits = sorted((s for s in spans if s["name"] == "state commit"), key=lambda s: s["attrs"]["nalar.state.version"])
+    assert [c["attrs"]["nalar.state.version"] for c in commits] == [1, 2]
+    for c in commits:
+        assert by_id[c["parent"]]["name"] == "Counter.incr"
+        assert c["attrs"]["nalar.session"] == "traced-s" and c["attrs"]["nalar.state.outcome"] == "ok"
+        assert c["attrs"]["nalar.state.changes"] >= 1
+    assert commits[1]["attrs"].get("nalar.state.base_version") == 1
 
 
 def test_tracing_off_without_endpoint(client: nalar.Client, start_node: Callable[..., Any]) -> None:

@@ -22,7 +22,7 @@ from ..context import CallScope, current_scope
 from ..deadlines import DeadlineWheel
 from ..future import DONE, Future
 from ..runtime import Runtime
-from . import spans
+from . import faillog, spans
 from .calls import Book, Call, Instance, Queue, StateGate
 from .hosting import Hosting
 
@@ -225,6 +225,7 @@ class Executor:
             g.failed += 1
             if c.meta.session is not None:
                 book.note_failure(c.meta.session)
+            faillog.failed(g.name, c.method, c.meta, value if isinstance(value, dict) else None, book.name)
         headers = {env.H_ID: c.id}
         if c.reply:
             self.rt.send(c.reply, data, headers)
@@ -240,8 +241,9 @@ class Executor:
     def reject(self, c: Call, err: type[RemoteError], message: str) -> None:
         """Refuse a call that was never accepted (nothing to forget)."""
         self.book.counters["rejected"] += 1
+        wire = err(message, actor=c.group.name, method=c.method, future_id=c.id).to_wire()  # type: ignore[call-arg]
+        faillog.failed(c.group.name, c.method, c.meta, wire, self.book.name)
         if c.reply:
-            wire = err(message, actor=c.group.name, method=c.method, future_id=c.id).to_wire()  # type: ignore[call-arg]
             self.rt.send(c.reply, env.encode_error(wire), {env.H_ID: c.id})
 
     def forget(self, c: Call, handed_to: str) -> None:

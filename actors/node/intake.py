@@ -92,7 +92,7 @@ class Intake:
                                      f"one (max {self.max_queue}); add instances or nodes, or slow the callers down")
             return
         if tracing.TRACER is not None:
-            spans.receive(c, book.name)
+            spans.receive(c, book.name, subject)
         c.arrived = time.monotonic()
         ex.arm(c)
         if m.attempt >= 0 and reply:

@@ -32,6 +32,7 @@ from ...state.sync import NotApplied, Pending, UnitSync
 from ...state.upgrade import OldUnit, is_old_store, read_old_store
 from ..runtime import Runtime
 from .calls import Answer, Call, Queue
+from . import spans
 
 log = logging.getLogger("nalar.sessions")
 Done = Callable[[Call, Any, bytes], None]
@@ -219,6 +220,8 @@ class Sessions:
         else (a retry through an election, a record in parts) goes on in a task.
         """
         assert c.txn is not None
+        if c.otel_ctx is not None:  # traced: a span for the commit, closed with its version
+            done = spans.commit(c, len(changes), done)
         if c.meta.deadline and time.time() >= c.meta.deadline:  # its caller has given up: commit nothing
             done(c, ("error", DeadlineExceeded("the call's deadline passed before its commit; nothing was "
                                                "committed")), body)
