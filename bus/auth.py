@@ -77,12 +77,7 @@ def principal_from_creds(path: str) -> str:
     m = re.search(r"-----BEGIN USER NKEY SEED-----\s*(SU[A-Z2-7]+)", text)
     if not m:
         raise BusError(f"{path} holds no user nkey seed; is it a NATS .creds file?")
-    import nkeys
-
-    kp = nkeys.from_seed(bytearray(m.group(1).encode()))
-    pub = kp.public_key.decode()
-    kp.wipe()
-    return principal_of(pub)
+    return principal_from_seed(m.group(1), path)
 
 
 # -- permissions --------------------------------------------------------------------------------

@@ -156,7 +156,6 @@ class _Client(NatsClient):
     def __init__(self) -> None:
         super().__init__()
         self.denied: deque[str] = deque(maxlen=100)
-        self.denied_count = 0
 
     @staticmethod
     def _parse_header_lines(raw: bytes) -> dict[str, str]:
@@ -200,7 +199,6 @@ async def open_connection(opts: ConnectOptions, on_closed: Callable[[], None] | 
                 fatal.set()
         elif PERMISSIONS_ERR in str(e).lower():
             what = str(e).removeprefix("nats: ")
-            nc.denied_count += 1
             if what not in nc.denied:
                 log.warning("nats: the server's permissions refused this to the credential from %s (connected as "
                             "role %s, namespace %r): %s", opts.source or "the arguments", opts.role, opts.namespace,

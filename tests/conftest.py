@@ -111,6 +111,15 @@ def client(nats_url: str, namespace: str) -> Iterator[nalar.Client]:
     c.close()
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on right now (the kernel picks it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
     """Poll real state (not a sleep standing in for an event) until it holds."""
     import time

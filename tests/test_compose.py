@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 import yaml
 
 import nalar
-from conftest import NodeProc, node_env, wait_for
+from conftest import NodeProc, free_port, node_env, wait_for
 from nalar.bus import auth
 
 REPO = Path(__file__).resolve().parent.parent
@@ -145,11 +144,6 @@ def _interpolate(value: str, dotenv: dict[str, str]) -> str:
     return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: dotenv.get(m.group(1)) or (m.group(2) or ""), value)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def test_compose_services_and_node_commands_serve_the_demo(tmp_path: Path, namespace: str) -> None:
     """Every service nalar builds, run here as compose would run it, with the credentials of `nalar auth env`."""
@@ -167,7 +161,7 @@ def test_compose_services_and_node_commands_serve_the_demo(tmp_path: Path, names
     dotenv = dict(line.split("=", 1) for line in creds.env_file().splitlines() if line and not line.startswith("#"))
     built = {name: s for name, s in services.items() if "build" in s and not s.get("profiles")}
     assert {"nats", "node1", "node2", "policy"} <= set(built)
-    port = _free_port()
+    port = free_port()
     url = f"nats://127.0.0.1:{port}"
     procs: list[NodeProc] = []
 

@@ -7,7 +7,6 @@ test uses its own session ids and gates.
 """
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import uuid
@@ -17,7 +16,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from conftest import NodeProc, node_env, wait_for
+from conftest import NodeProc, free_port, node_env, wait_for
 
 import nalar
 from nalar.bus.errors import (BadRequest, BusError, Cancelled, Conflict, DeadlineExceeded, DependencyFailed,
@@ -27,11 +26,6 @@ from nalar.cli.gateway import status_of
 
 API_KEY = "sk-test-" + uuid.uuid4().hex
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Deployment:
@@ -49,7 +43,7 @@ class Deployment:
         return p
 
     def gateway(self, *args: str, env: dict[str, str] | None = None) -> str:
-        port = _free_port()
+        port = free_port()
         self.start("gateway", "--port", str(port), *args, marker="listening on", env=env)
         return f"http://127.0.0.1:{port}"
 
@@ -316,5 +310,5 @@ def test_the_command_refuses_bad_options_and_an_unreachable_server(tmp_path: Pat
     assert r.returncode == 2 and r.stderr.startswith("nalar: --model") and "Traceback" not in r.stderr, r.stderr
     r = gateway("--port", "0")
     assert r.returncode == 2 and "port" in r.stderr, r.stderr
-    r = gateway("--nats", "nats://127.0.0.1:1", "--port", str(_free_port()))
+    r = gateway("--nats", "nats://127.0.0.1:1", "--port", str(free_port()))
     assert r.returncode == 3 and r.stderr.startswith("nalar: ") and "Traceback" not in r.stderr, r.stderr

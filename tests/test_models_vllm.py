@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ pytest.importorskip("vllm")
 psutil = pytest.importorskip("psutil")  # a vLLM dependency
 
 import nalar  # noqa: E402
-from conftest import NodeProc, node_env, wait_for  # noqa: E402
+from conftest import NodeProc, free_port, node_env, wait_for  # noqa: E402
 from nalar.actors.models import SamplingParams  # noqa: E402
 from nalar.actors.models.openai_engine import OpenAIEngine, parse_vllm_metrics  # noqa: E402
 from nalar.actors.models.tiny import make_tiny_model  # noqa: E402
@@ -35,11 +34,6 @@ pytestmark = pytest.mark.timeout(300)
 
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get(url: str, timeout: float = 5) -> str:
@@ -52,7 +46,7 @@ class Server:
     version) in its own process group, so that stopping it stops its engine core too."""
 
     def __init__(self, model: str, log: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log = log
         self._out = open(log, "w")
@@ -121,7 +115,7 @@ def dep(tiny: str, nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> I
     tmp = tmp_path_factory.mktemp("models")
     server = Server(tiny, tmp / "vllm-serve.log")
     namespace = "t" + uuid.uuid4().hex[:10]
-    dead_url = f"http://127.0.0.1:{_free_port()}/v1"
+    dead_url = f"http://127.0.0.1:{free_port()}/v1"
     env = node_env({**VLLM_ENV, "NALAR_HOME": str(tmp / "home"),
                     "NALAR_LLM_TINYVLLM": f"vllm:{tiny}", "NALAR_LLM_TINYOPENAI": f"openai:{server.url}",
                     "NALAR_LLM_DEADOPENAI": f"openai:{dead_url}"})

@@ -236,9 +236,7 @@ def test_the_model_example_starts_and_answers_on_the_simulated_engine(tmp_path, 
 def test_the_gateway_examples_run_against_a_gateway(tmp_path, start_node, nats_url, namespace) -> None:
     """`nalar gateway` as the README starts it (on a free port), its curl call, and the openai client
     snippet against the Writer of the Models section on the simulated engine."""
-    import socket
-
-    from conftest import NodeProc
+    from conftest import NodeProc, free_port
 
     _write(tmp_path, "writer.py", "openai_client.py")
     text = README.read_text()
@@ -249,9 +247,7 @@ def test_the_gateway_examples_run_against_a_gateway(tmp_path, start_node, nats_u
     assert gateway_cmd[:2] == ["nalar", "gateway"] and curl_cmd[0] == "curl", (gateway_cmd, curl_cmd)
     start_node("nalar.workloads.demo:Notebook", "writer:Writer", env={"NALAR_LLM": "sim",
                                                                        "PYTHONPATH": str(tmp_path)})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     args = [port if w == "8000" else w for w in gateway_cmd[2:]]
     gw = NodeProc(args, _deployment_env(nats_url, namespace), cmd="gateway", marker="listening on")
     try:
