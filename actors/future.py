@@ -15,12 +15,13 @@ from typing import Any, Callable, Generic, Iterable, TypeVar
 import pykka
 
 from ..bus.errors import Cancelled, RemoteError, Timeout
+from .future_state import DONE, FAILED, LOCK, PENDING
+from .stream import Reader
 
 T = TypeVar("T")
 log = logging.getLogger("nalar.future")
 
-PENDING, DONE, FAILED = 0, 1, 2
-_LOCK = threading.Lock()
+_LOCK = LOCK
 #: Threads that run a nalar event loop: blocking there would deadlock, so it is refused.
 LOOP_THREADS: set[int] = set()
 
@@ -30,11 +31,12 @@ class Future(pykka.Future, Generic[T]):
 
     ``result(timeout)`` (or pykka's ``get(timeout=...)``) blocks, ``await future`` suspends,
     ``available()`` polls. A future passed as an argument to another call is a dependency; a method
-    that returns a future resolves its own caller's future to that future's value.
+    that returns a future resolves its own caller's future to that future's value. A call to a
+    streaming method is read with ``async for item in future``.
     """
 
     __slots__ = ("id", "actor", "method", "_state", "_value", "_callbacks", "_event", "_runtime",
-                 "_span", "_wk", "_retry", "_get_hook", "_get_hook_result")
+                 "_span", "_wk", "_retry", "_items", "_get_hook", "_get_hook_result")
 
     def __init__(self, id: str = "", actor: str = "", method: str = "", runtime: Any = None) -> None:
         self._get_hook = None
@@ -50,6 +52,7 @@ class Future(pykka.Future, Generic[T]):
         self._span: Any = None
         self._wk = 0  # the runtime's deadline-wheel key while armed
         self._retry: Any = None  # the runtime's retry state, for calls it may re-send
+        self._items: Any = None  # a streaming call's items not read yet (``stream.Items``)
 
     def __repr__(self) -> str:
         state = ("pending", "done", "failed")[self._state]
@@ -123,6 +126,11 @@ class Future(pykka.Future, Generic[T]):
         raise self._value
 
     __iter__ = __await__
+
+    def __aiter__(self) -> Any:
+        """A streaming call's items as they arrive (``async for item in future``); then its error, if
+        it failed. The future's value is the number of items. Each item is read once."""
+        return Reader(self)
 
     # -- consumers ------------------------------------------------------------------------------
     def add_done_callback(self, fn: Callable[["Future[T]"], None]) -> None:

@@ -2,9 +2,10 @@
 
 An ``async def`` method runs as a task on the node's loop; a ``def`` method on its instance's pykka
 thread, handing its outcome back to the loop. A method that returns a future resolves its call with
-that future's value. A call that changed session state commits through the ``StateGate`` before its
-caller hears back, and one that read it is checked against the log; a call that lost a race to
-another node re-runs from the new version.
+that future's value. A streaming method (an async generator) sends each item it yields to its
+callers as it comes, numbered, and ends with the count as its value. A call that changed session
+state commits through the ``StateGate`` before its caller hears back, and one that read it is
+checked against the log; a call that lost a race to another node re-runs from the new version.
 """
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ class Executor:
         if m.session is not None and g.kind == "model":
             g.served(m.session, inst)
         if g.methods[c.method]:
-            c.task = asyncio.get_running_loop().create_task(self.run_async(inst, c))
+            run = self.run_stream if c.method in g.streams else self.run_async
+            c.task = asyncio.get_running_loop().create_task(run(inst, c))
             return
         inst.sync_running += 1
         self.hosting.tell(inst, c)
@@ -79,6 +81,40 @@ class Executor:
         except BaseException as e:  # SystemExit or KeyboardInterrupt from user code is its error, not ours
             value, ok = errors.to_wire(e, inst.group.name, c.method, c.id), False
         self.complete(inst, c, ok, value)
+
+    async def run_stream(self, inst: Instance, c: Call) -> None:
+        """A streaming method: each item goes to the callers at once; the value is how many there were,
+        so a caller can tell it missed none."""
+        current_scope.set(c.scope)
+        current_txn.set(c.txn)
+        n = 0
+        value: Any
+        try:
+            items = getattr(inst.obj, c.method)(*c.args, **c.kwargs)
+            try:
+                async for item in items:
+                    if c.done:  # cancelled, or its deadline passed: the task is being cancelled too
+                        break
+                    self._send_item(c, n, item)
+                    n += 1
+            finally:
+                await items.aclose()  # a model's stream closed here aborts its engine request
+            value, ok = n, True
+        except asyncio.CancelledError:
+            value, ok = None, False
+        except BaseException as e:
+            value, ok = errors.to_wire(e, inst.group.name, c.method, c.id), False
+        self.complete(inst, c, ok, value)
+
+    def _send_item(self, c: Call, n: int, item: Any) -> None:
+        """One item of a stream (non-JSON or over the payload limit: the call fails with that error)."""
+        data = env.encode_result(item)
+        headers = {env.H_ID: c.id, env.H_CHUNK: str(n)}
+        env.check_size(data, headers, self.rt.transport.max_payload, f"item {n} of {c.group.name}.{c.method}")
+        if c.reply:
+            self.rt.send(c.reply, data, headers)
+        for r in c.retry_replies or ():
+            self.rt.send(r, data, headers)
 
     def run_sync(self, inst: Instance, c: Call) -> None:
         """Runs on the instance's own thread."""
