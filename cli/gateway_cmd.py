@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from typing import Any
 
@@ -65,6 +66,22 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
     g.add_argument("--namespace", metavar="NS", default=None, help=GLOBALS["namespace"][1])
 
 
+def _server_class() -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, but a SIGTERM/SIGINT is a clean stop (exit 0, the client's connection
+        closed), not re-raised once it has shut down (which would end the process with -15)."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C: do not wait for open connections
+            else:
+                self.should_exit = True
+
+    return Server
+
+
 async def serve_gateway(a: argparse.Namespace) -> int:
     import uvicorn
 
@@ -77,7 +94,7 @@ async def serve_gateway(a: argparse.Namespace) -> int:
         gw = Gateway(client, api_key=a.api_key or os.environ.get(API_KEY_ENV), max_body=a.max_body, models=models)
         config = uvicorn.Config(build_app(gw), host=a.host, port=a.port, log_level="warning", lifespan="off",
                                 access_log=False)
-        server = uvicorn.Server(config)
+        server = _server_class()(config)
         task = asyncio.ensure_future(server.serve())
         while not server.started and not task.done():
             await asyncio.sleep(0.02)

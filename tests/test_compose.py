@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -160,8 +161,8 @@ def test_compose_services_and_node_commands_serve_the_demo(tmp_path: Path, names
     creds.init()
     dotenv = dict(line.split("=", 1) for line in creds.env_file().splitlines() if line and not line.startswith("#"))
     built = {name: s for name, s in services.items() if "build" in s and not s.get("profiles")}
-    assert {"nats", "node1", "node2", "policy"} <= set(built)
-    port = free_port()
+    assert {"nats", "node1", "node2", "policy", "gateway"} <= set(built)
+    port, http_port = free_port(), free_port()
     url = f"nats://127.0.0.1:{port}"
     procs: list[NodeProc] = []
 
@@ -172,6 +173,10 @@ def test_compose_services_and_node_commands_serve_the_demo(tmp_path: Path, names
         if command[1] == "nats":
             args[args.index("--listen") + 1] = f"127.0.0.1:{port}"
             args[args.index("--data-dir") + 1] = str(tmp_path / "nats-data")
+        elif command[1] == "gateway":  # loopback, on a free port
+            args[args.index("--host") + 1] = "127.0.0.1"
+            args[args.index("--port") + 1] = str(http_port)
+            args += ["--namespace", namespace]
         else:
             args += ["--namespace", namespace]
         # the service's own environment (compose-interpolated) minus tracing: no Jaeger runs here
@@ -204,6 +209,10 @@ def test_compose_services_and_node_commands_serve_the_demo(tmp_path: Path, names
             result = client.stub("Analyst").analyze("the quick brown fox the").result(30)
         assert result["stats"]["words"] == 5
         assert result["keywords"][0] == "the"
+        run("gateway", built["gateway"], "listening on")  # with the client's credential
+        r = httpx.post(f"http://127.0.0.1:{http_port}/v1/actors/Analyst/analyze", json=["the quick brown fox the"],
+                       timeout=30)
+        assert r.status_code == 200 and r.json()["result"]["stats"]["words"] == 5, r.text
 
         names = {args[args.index("--name") + 1] for args in (s["command"] for s in built.values()) if "--name" in args}
         assert names == {"node1", "node2"}
@@ -226,4 +235,5 @@ def test_the_cli_service_is_the_operator() -> None:
     assert cli["environment"]["NALAR_NATS_NKEY_SEED"] == "${NALAR_OPERATOR_SEED:-}"
     seeds = {name: _env(s).get("NALAR_NATS_NKEY_SEED") for name, s in _load()["services"].items() if "build" in s}
     assert seeds == {"nats": None, "policy": "${NALAR_POLICY_SEED:-}", "node1": "${NALAR_NODE_SEED:-}",
-                     "node2": "${NALAR_NODE_SEED:-}", "cli": "${NALAR_OPERATOR_SEED:-}"}
+                     "node2": "${NALAR_NODE_SEED:-}", "cli": "${NALAR_OPERATOR_SEED:-}",
+                     "gateway": "${NALAR_CLIENT_SEED:-}"}
