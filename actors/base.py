@@ -2,7 +2,9 @@
 
 An actor's name (what stubs and ``nalar call`` use) is its class attribute ``actor_name``, by default
 the class name. Public methods are those not starting with ``_``; ``def`` methods run one at a time on
-the instance's own thread (a pykka actor), ``async def`` methods on the node's event loop.
+the instance's own thread (a pykka actor), ``async def`` methods on the node's event loop. An
+``async def`` method that ``yield``s is a streaming method: its caller gets each item as it is made
+(``async for item in future``), and the future's value is the number of items.
 """
 from __future__ import annotations
 
@@ -93,10 +95,16 @@ def actor_name(target: Any) -> str:
 
 
 def public_methods(cls: type) -> dict[str, bool]:
-    """Public method name -> whether it is ``async def``."""
+    """Public method name -> whether it is ``async def`` (a streaming ``async def`` with ``yield`` too)."""
     out: dict[str, bool] = {}
     for name, fn in inspect.getmembers(cls, predicate=inspect.isfunction):
         if name.startswith("_") or name in _LIFECYCLE:
             continue
-        out[name] = inspect.iscoroutinefunction(fn)
+        out[name] = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
     return out
+
+
+def streaming_methods(cls: type) -> frozenset[str]:
+    """The public methods that are async generators: each item they yield is sent as it comes."""
+    return frozenset(name for name, fn in inspect.getmembers(cls, predicate=inspect.isfunction)
+                     if not name.startswith("_") and inspect.isasyncgenfunction(fn))

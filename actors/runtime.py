@@ -29,6 +29,7 @@ from .deadlines import DeadlineWheel
 from .control import DecisionTable, TermGate, term_of
 from .future import _LOCK, DONE, FAILED, LOOP_THREADS, PENDING, Future
 from .retry import DEFAULT_RETRY, LIVENESS_TIMEOUT, RetryPolicy
+from .stream import Items
 
 DEFAULT_TIMEOUT = 300.0
 #: Stands in for the ``traceparent`` header (W3C: always 55 characters) in the size check, which runs
@@ -98,7 +99,7 @@ class _Retry:
     """
 
     __slots__ = ("policy", "attempt", "subject", "args", "kwargs", "headers", "reply", "node", "boot", "rk",
-                 "first", "deadline", "unknown")
+                 "first", "deadline", "unknown", "streamed")
 
     def __init__(self, policy: RetryPolicy, subject: str, args: Any, kwargs: Any, headers: dict[str, str],
                  reply: str, deadline: float) -> None:
@@ -107,6 +108,7 @@ class _Retry:
         self.first = 0.0  # monotonic time of the first send: ``give_up_after`` counts from there
         self.deadline = deadline  # the call's (Unix time): no attempt starts after it
         self.unknown = False  # an attempt went unanswered: it may have run, so giving up leaves the outcome unknown
+        self.streamed = False  # items of a stream arrived: another attempt would send them again, so none is made
         self.subject = subject
         self.args = args
         self.kwargs = kwargs
@@ -648,6 +650,9 @@ class Runtime:
         if token == "ack":
             self._on_ack(data)
             return
+        if headers is not None and env.H_CHUNK in headers:
+            self._on_item(token, data, headers[env.H_CHUNK])
+            return
         fut = self.pending.pop(token, None)
         if fut is None:  # a control request's; or late (after a deadline or cancel), or not a reply at all
             if token[:1] == "q":  # ``request``/``scatter``: any body (metrics, acks...), the handler decodes it
@@ -697,7 +702,45 @@ class Runtime:
             if r.unknown and value.kind == "unavailable":  # an earlier attempt, unanswered, may have run
                 value = self._outcome_unknown(fut, value.message)
         self._disarm(fut)
+        items = fut._items
+        if ok and items is not None and value != items.next:  # a stream's end: its count says what was sent
+            ok, value = False, Unavailable(
+                f"the stream ended with {value!r} items sent but {items.next} arrived (NATS dropped some for a "
+                "slow consumer?)", actor=fut.actor, method=fut.method, future_id=fut.id)
         fut._finish(DONE if ok else FAILED, value)
+
+    def _on_item(self, token: str, data: bytes, seq: str) -> None:
+        """One item of a streaming call: kept in order for its reader; a repeat is dropped, a gap fails it."""
+        fut = self.pending.get(token)
+        if fut is None:
+            self.counters["late_replies"] += 1
+            return
+        try:
+            n = int(seq)
+            ok, value = env.decode_reply(data)
+            if not ok:
+                raise MalformedMessage("a stream's item must be a value, not an error")
+        except (ValueError, MalformedMessage):
+            self.count_malformed("reply")
+            return
+        r = fut._retry
+        if r is not None:
+            r.streamed = True
+        with _LOCK:
+            items = fut._items
+            if items is None:
+                items = fut._items = Items()
+            expected = items.next
+            if n == expected:
+                items.buf.append(value)
+                items.next += 1
+        if n == expected:
+            items.wake()
+        elif n > expected:
+            self.counters["stream_gaps"] = self.counters.get("stream_gaps", 0) + 1
+            self.cancel_with(fut, Unavailable(
+                f"items {expected}..{n - 1} of the stream did not arrive (NATS dropped them for a slow "
+                "consumer?); the call was cancelled", actor=fut.actor, method=fut.method, future_id=fut.id))
 
     # -- retries ------------------------------------------------------------------------------------
     def _on_heartbeat(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
@@ -764,7 +807,7 @@ class Runtime:
         if r is None or self.closed:
             return False
         p = r.policy
-        if p.attempts is not None and r.attempt + 1 >= p.attempts:
+        if r.streamed or (p.attempts is not None and r.attempt + 1 >= p.attempts):
             return False
         delay = p.delay(r.attempt + 1)
         if time.monotonic() + delay - r.first > p.give_up_after or time.time() + delay >= r.deadline:
@@ -804,7 +847,12 @@ class Runtime:
 
     def cancel(self, fut: Future[Any]) -> bool:
         """Fail the future as cancelled here and tell every node to stop its work (and its children)."""
-        ok = self._fail(fut, Cancelled("cancelled by caller", actor=fut.actor, method=fut.method, future_id=fut.id))
+        return self.cancel_with(fut, Cancelled("cancelled by caller", actor=fut.actor, method=fut.method,
+                                               future_id=fut.id))
+
+    def cancel_with(self, fut: Future[Any], err: BaseException) -> bool:
+        """Fail the future with ``err`` here and tell every node to stop its work (and its children)."""
+        ok = self._fail(fut, err)
         if ok and not self.closed:
             body = env.dumps({"ids": [fut.id]})
             if self.on_loop():

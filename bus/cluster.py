@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .server import DEFAULT_MAX_PAYLOAD, _die_with_parent
+from .server import DEFAULT_MAX_PAYLOAD, die_with_parent
 
 MAX_PAYLOAD = DEFAULT_MAX_PAYLOAD
 
@@ -196,7 +196,7 @@ class NatsCluster:
         s.starts += 1
         s.proc = subprocess.Popen(
             [self.binary, "-c", str(s.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            stdin=subprocess.DEVNULL, preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
         proc, ready = s.proc, s.ready  # type: ignore[attr-defined]
 

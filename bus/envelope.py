@@ -31,6 +31,7 @@ H_TRACEPARENT = "traceparent"
 H_STAGE = "Nalar-Stage"  # how many calls its request made before it (SRTF-like policies)
 H_FWD = "Nalar-Fwd"  # the node that forwarded it (a call is forwarded at most once)
 H_BORN = "Nalar-Born"  # when its request (the root call) started, Unix µs: queues serve older requests first
+H_CHUNK = "Nalar-Chunk"  # on a reply: one item of a streaming call, and its place (0, 1, ...) in the stream
 
 MAX_ID_LEN = 128
 MAX_SESSION_LEN = 256

@@ -48,7 +48,7 @@ def find_server_binary() -> str:
     )
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -100,7 +100,7 @@ class EmbeddedNats:
         # must outlive its owner's drain, not die first; it still dies with its owner (PDEATHSIG)
         self.proc = subprocess.Popen(
             [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            stdin=subprocess.DEVNULL, preexec_fn=die_with_parent if sys.platform == "linux" else None,
             start_new_session=True,
         )
         self.pid_was = self.proc.pid

@@ -140,3 +140,10 @@ def port(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a port number, 1-65535")
     return int(text)
+
+
+def port_or_zero(text: str) -> int:
+    """A port, or 0 for none (a listener that is off)."""
+    if text.strip() == "0":
+        return 0
+    return port(text)

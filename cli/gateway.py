@@ -154,7 +154,7 @@ def call_options(request: Request, session: str | None = None) -> dict[str, Any]
     return opts
 
 
-async def _disconnected(request: Request) -> None:
+async def disconnected(request: Request) -> None:
     """Returns when the client has gone (its body read already, nothing else can come)."""
     while True:
         msg = await request.receive()
@@ -169,7 +169,7 @@ async def _result(fut: Any) -> Any:
 async def await_call(request: Request, fut: Any) -> Any:
     """The call's result, or ``ClientGone`` (the call cancelled down its tree) if the client left first."""
     waiter = asyncio.ensure_future(_result(fut))
-    gone = asyncio.ensure_future(_disconnected(request))
+    gone = asyncio.ensure_future(disconnected(request))
     try:
         done, _ = await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:  # the server is stopping, or the response task was cancelled
@@ -195,6 +195,7 @@ class Gateway:
         server_max = client.runtime.transport.max_payload or DEFAULT_MAX_BODY
         self.max_body = max_body if max_body is not None else min(DEFAULT_MAX_BODY, server_max)
         self.models = dict(models or {})  # OpenAI model name -> actor (besides the actors of kind model)
+        self.no_stream: set[str] = set()  # actors found to have no streaming chat/generate: called whole
 
     def authorized(self, request: Request) -> bool:
         if self.api_key is None:

@@ -6,29 +6,35 @@ in the nodes' status (a client credential under authentication may not ask for s
 ``--model`` names). The session is ``X-Session-Id``, else the request's ``user``, so a conversation's
 turns keep their instance (its prefix cache) and their state.
 
-Streaming (``"stream": true``) is Server-Sent Events in OpenAI's chunk format, but the model actors
-return whole completions (no token streaming yet): the stream starts at once with the role, and the
-text arrives in chunks when the completion is done, then ``[DONE]``. A client that disconnects before
-then cancels the call, and the engine's request with it.
+Streaming (``"stream": true``) is Server-Sent Events in OpenAI's chunk format, token by token: the
+gateway calls the model actor's streaming method (``chat_stream`` / ``generate_stream``) and sends each
+piece as the engine makes it. An actor without one (an agent that speaks ``chat``) is called whole and
+its text sent in chunks once done. A client that disconnects mid-stream cancels the call, and the
+engine's request with it.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any, AsyncIterator
 
 import orjson
 from starlette.requests import Request
+from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
-from ..bus.errors import BusError
-from .gateway import ClientGone, Gateway, HTTPError, await_call, call_options, error_body, json_response, \
-    parse_json, read_body, status_of
+from ..bus.errors import BusError, UnknownMethod
+from .gateway import ClientGone, Gateway, HTTPError, await_call, call_options, error_body, \
+    disconnected, json_response, parse_json, read_body, status_of
 
 #: OpenAI request fields passed to the model actor's sampling parameters (OpenAI name -> nalar's).
 SAMPLING = {"max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "temperature": "temperature",
             "top_p": "top_p", "seed": "seed", "stop": "stop", "ignore_eos": "ignore_eos"}
 STREAM_CHUNK_CHARS = 16
+#: How long a streamed request waits for its first piece before it sends its headers: an error that
+#: comes at once still gets its own status.
+FIRST_WAIT_S = 1.0
 MODELS_TTL_S = 5.0
 
 
@@ -77,13 +83,27 @@ def _usage(r: dict[str, Any]) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": int(r.get("cached_tokens", 0))}}
 
 
-async def _complete(gw: Gateway, request: Request, method: str, what: str, value: Any,
-                    body: dict[str, Any], model: str) -> tuple[Any, dict[str, Any]]:
-    """(the call's future, its options): ``method`` (chat or generate) on ``model``'s actor."""
-    opts = call_options(request, _user(body))
-    actor = gw.models.get(model, model)
-    fut = getattr(gw.stub(actor, opts), method)(value, **_sampling(body))
-    return fut, opts
+class _Call:
+    """One completion request's call: ``method`` (chat or generate) on the model's actor, or its
+    streaming form, and how to make it again whole if the actor cannot stream."""
+
+    def __init__(self, gw: Gateway, request: Request, method: str, value: Any, body: dict[str, Any],
+                 model: str) -> None:
+        self.gw, self.method, self.value, self.model = gw, method, value, model
+        self.opts = call_options(request, _user(body))
+        self.sampling = _sampling(body)
+        self.actor = gw.models.get(model, model)
+        self.streaming = bool(body.get("stream")) and self.actor not in gw.no_stream
+
+    def start(self) -> Any:
+        method = self.method + "_stream" if self.streaming else self.method
+        return getattr(self.gw.stub(self.actor, self.opts), method)(self.value, **self.sampling)
+
+    def whole(self) -> Any:
+        """The actor has no streaming method: remember it, and call it whole."""
+        self.gw.no_stream.add(self.actor)
+        self.streaming = False
+        return self.start()
 
 
 def _not_a_model(e: BaseException, model: str) -> BaseException:
@@ -97,8 +117,8 @@ def _not_a_model(e: BaseException, model: str) -> BaseException:
 
 async def chat_completions(gw: Gateway, request: Request) -> Response:
     model, body = _request(parse_json(await read_body(request, gw.max_body)))
-    fut, _ = await _complete(gw, request, "chat", "messages", _messages(body.get("messages")), body, model)
-    return await _answer(request, fut, body, model, chat=True)
+    call = _Call(gw, request, "chat", _messages(body.get("messages")), body, model)
+    return await _answer(request, call, body, model, chat=True)
 
 
 async def completions(gw: Gateway, request: Request) -> Response:
@@ -110,8 +130,8 @@ async def completions(gw: Gateway, request: Request) -> Response:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise HTTPError(400, "'prompt' must be a string")
-    fut, _ = await _complete(gw, request, "generate", "prompt", prompt, body, model)
-    return await _answer(request, fut, body, model, chat=False)
+    call = _Call(gw, request, "generate", prompt, body, model)
+    return await _answer(request, call, body, model, chat=False)
 
 
 def _choice(r: dict[str, Any], chat: bool) -> dict[str, Any]:
@@ -127,10 +147,27 @@ def _ids(chat: bool) -> tuple[str, str, int]:
             int(time.time()))
 
 
-async def _answer(request: Request, fut: Any, body: dict[str, Any], model: str, *, chat: bool) -> Response:
+async def _answer(request: Request, call: _Call, body: dict[str, Any], model: str, *, chat: bool) -> Response:
+    gw = call.gw
     if body.get("stream"):
-        return StreamingResponse(_stream(request, fut, body, model, chat), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        # The first piece, or an error, before the 200 if it comes soon: an unknown model is a 404 and a
+        # refused parameter a 400, as OpenAI's are. A slow start (a long prefill, an agent's first
+        # steps) gets its headers and the role event after FIRST_WAIT_S, and the piece when it comes.
+        calls: list[Any] = []
+        pieces = _pieces(call, calls)
+        # An actor no live node serves waits for its answer (a 404 once the runtime has looked).
+        wait = FIRST_WAIT_S if gw.client.runtime.serving(call.actor) else None
+        try:
+            first = await _first(request, pieces, wait)
+        except BaseException as e:
+            _cancel(calls)
+            if isinstance(e, (ClientGone, asyncio.CancelledError)):
+                raise
+            raise _not_a_model(e, model) from None
+        return StreamingResponse(_stream(first, pieces, calls, body, model, chat), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                 background=BackgroundTask(_cancel, calls))  # also if the body never started
+    fut = call.start()
     try:
         r = await await_call(request, fut)
     except ClientGone:
@@ -153,7 +190,59 @@ def _sse(value: Any) -> bytes:
     return b"data: " + orjson.dumps(value) + b"\n\n"
 
 
-async def _stream(request: Request, fut: Any, body: dict[str, Any], model: str, chat: bool) -> AsyncIterator[bytes]:
+async def _pieces(call: _Call, calls: list[Any]) -> AsyncIterator[str | dict[str, Any]]:
+    """The text as it comes, then the completion's dict; each call made is put in ``calls`` at once
+    (for the caller to cancel). An actor without a streaming method is called whole, and its text cut
+    into pieces."""
+    fut = call.start()
+    calls.append(fut)
+    if call.streaming:
+        try:
+            async for item in fut:
+                if isinstance(item, (str, dict)):
+                    yield item
+            return
+        except UnknownMethod:
+            fut = call.whole()
+            calls.append(fut)
+    r = await fut
+    text = str(r.get("text", "")) if isinstance(r, dict) else ""
+    for i in range(0, len(text), STREAM_CHUNK_CHARS):
+        yield text[i:i + STREAM_CHUNK_CHARS]
+    yield r if isinstance(r, dict) else {}
+
+
+def _cancel(calls: list[Any]) -> None:
+    for fut in calls:
+        fut.cancel()  # a no-op once it is done; a client gone mid-stream cancels the engine's request
+
+
+async def _first(request: Request, pieces: AsyncIterator[str | dict[str, Any]],
+                 wait: float | None) -> "asyncio.Future[Any]":
+    """The task reading the stream's first piece, done if it came (or failed) within ``wait`` seconds;
+    ``ClientGone`` if the client left first."""
+    first: asyncio.Future[Any] = asyncio.ensure_future(pieces.__anext__())
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        await asyncio.wait({first, gone}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        first.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if first.done():
+        first.result()  # its error, if it failed: answered with its own status
+    elif gone.done() and not gone.cancelled():
+        first.cancel()
+        raise ClientGone()
+    return first
+
+
+async def _stream(first: "asyncio.Future[Any]", pieces: AsyncIterator[str | dict[str, Any]], calls: list[Any],
+                  body: dict[str, Any], model: str, chat: bool) -> AsyncIterator[bytes]:
+    """The SSE events of one streamed completion, from its first piece on. Starlette cancels this
+    generator when the client disconnects: the ``finally`` then cancels the call, and through it the
+    engine's request."""
     cid, _, created = _ids(chat)
     obj = "chat.completion.chunk" if chat else "text_completion"
     want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -170,19 +259,24 @@ async def _stream(request: Request, fut: Any, body: dict[str, Any], model: str, 
     try:
         if chat:
             yield _sse(chunk(None, role=True))
+        r: dict[str, Any] = {}
         try:
-            r = await await_call(request, fut)
-        except ClientGone:
-            return
+            piece = await first
+            if isinstance(piece, str):
+                yield _sse(chunk(piece))
+            else:
+                r = piece
+            async for piece in pieces:
+                if isinstance(piece, str):
+                    yield _sse(chunk(piece))
+                else:
+                    r = piece
         except Exception as e:  # the stream has started (200): the error is its last event, as OpenAI's is
             err = _not_a_model(e, model)
             status = err.status if isinstance(err, HTTPError) else status_of(err)[0]
             yield _sse(error_body(err, status))
             yield b"data: [DONE]\n\n"
             return
-        text = str(r.get("text", ""))
-        for i in range(0, len(text), STREAM_CHUNK_CHARS):
-            yield _sse(chunk(text[i:i + STREAM_CHUNK_CHARS]))
         last = chunk(None, r.get("finish_reason") or "stop")
         last["nalar"] = _extra(r)
         yield _sse(last)
@@ -191,7 +285,8 @@ async def _stream(request: Request, fut: Any, body: dict[str, Any], model: str, 
                         "usage": _usage(r)})
         yield b"data: [DONE]\n\n"
     finally:
-        fut.cancel()  # a no-op once it is done; a client gone mid-stream cancels the engine's request
+        first.cancel()
+        _cancel(calls)
 
 
 class _ModelList:

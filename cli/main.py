@@ -19,7 +19,7 @@ import orjson
 from ..bus.errors import BusError, NalarError, RemoteError
 from ..bus.server import DEFAULT_MAX_PAYLOAD
 from . import exits, logs
-from .args import GLOBALS, Parser, add_globals, byte_size, finish, port, settle
+from .args import GLOBALS, Parser, add_globals, byte_size, finish, port, port_or_zero, settle
 from .connect import cli_client
 
 RAW = argparse.RawDescriptionHelpFormatter
@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     _replicas_arg(up)
     up.add_argument("--insecure", action="store_true",
                     help="run NATS without credentials: anyone who can reach it can do anything (tests only)")
+    up.add_argument("--gateway-port", type=port_or_zero, default=os.environ.get("NALAR_GATEWAY_PORT", "8000"),
+                    metavar="PORT", help="the HTTP gateway's port (`nalar gateway`: any actor's methods and an "
+                                         "OpenAI-compatible API; default: $NALAR_GATEWAY_PORT, else 8000; 0: none)")
+    up.add_argument("--gateway-host", default="127.0.0.1",
+                    help="the address the gateway listens on (default: 127.0.0.1; it has no API key here: "
+                         "run `nalar gateway --api-key` yourself to open it wider)")
     logs.add_args(up)
 
     node = sub.add_parser("node", help="serve actor classes against a NATS server",
@@ -420,7 +426,8 @@ def _dispatch(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         _apply_replicas(a)
         return run_up(_specs(a.actors, not a.actors), a.namespace, a.data_dir, load_policies(a.policies),
                       a.interval, insecure=a.insecure, host=a.host, port=a.port, name=a.name,
-                      max_payload=a.max_payload, fresh=a.fresh)
+                      max_payload=a.max_payload, fresh=a.fresh, gateway_port=a.gateway_port,
+                      gateway_host=a.gateway_host)
     if a.cmd == "auth":
         from . import auth as auth_cli
 

@@ -24,6 +24,7 @@ from ..bus import auth, discovery
 from ..bus.server import DEFAULT_MAX_PAYLOAD, EmbeddedNats
 from . import place as places
 from .serve import serve_node
+from .up_gateway import GatewayChild
 
 #: Seconds running calls get to finish when ``nalar up`` stops, before they are answered ``Cancelled``.
 STOP_GRACE = 1.0
@@ -43,7 +44,7 @@ def _join_url(host: str, port: int) -> str:
 
 
 def _banner(node: Node, url: str, namespace: str, where: places.Place, creds: auth.Credentials | None,
-            join: str, max_payload: int) -> str:
+            join: str, max_payload: int, gateway: GatewayChild | None = None) -> str:
     served = ", ".join(f"{g.name} x{len(g.instances)}" for g in node.groups.values())
     first = next(iter(node.groups.values()))
     example = ("nalar call Analyst.analyze '[\"the quick brown fox jumps over the lazy dog\"]'"
@@ -62,6 +63,8 @@ def _banner(node: Node, url: str, namespace: str, where: places.Place, creds: au
         *access,
         f"  node       {node.name} serving {served}",
         "  policy     the policy actor runs here too (nalar status shows its decisions)",
+        *([f"  gateway    {gateway.address}   (HTTP: POST /v1/actors/ACTOR/METHOD, and OpenAI's /v1/chat/completions, "
+           "/v1/completions, /v1/models)"] if gateway is not None and gateway.listening else []),
         "  try        " + example,
         "             nalar status",
         *(["             nalar call Notebook.add '[\"buy milk\"]' --session me && nalar state show me"]
@@ -74,7 +77,7 @@ def _banner(node: Node, url: str, namespace: str, where: places.Place, creds: au
 def run_up(specs: list[tuple[type, int | None]], namespace: str, data_dir: str | None, policies: list[Any] | None = None,
            interval: float = 1.0, out: Any = None, insecure: bool = False, host: str = "127.0.0.1",
            port: int | None = None, name: str | None = None, max_payload: int | None = None,
-           fresh: bool = False) -> int:
+           fresh: bool = False, gateway_port: int = 8000, gateway_host: str = "127.0.0.1") -> int:
     out = out or sys.stdout
     running = discovery.find_running()
     if running is not None:
@@ -100,6 +103,9 @@ def run_up(specs: list[tuple[type, int | None]], namespace: str, data_dir: str |
     discovery.write_running(url, namespace, insecure=insecure, auth=None if creds is None else str(creds.path),
                             server_pid=server.proc.pid if server.proc else None)
     died: list[int] = []
+    gateway = GatewayChild(url, namespace, gateway_host, gateway_port) if gateway_port else None
+    if gateway is not None:
+        gateway.launch(out)  # beside the node's start; its banner line waits for it
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -120,7 +126,9 @@ def run_up(specs: list[tuple[type, int | None]], namespace: str, data_dir: str |
         watcher = asyncio.get_running_loop().create_task(watch())
 
         def ready(node: Node, connected: str) -> None:
-            print(_banner(node, url, namespace, where, creds, join, limit), file=out, flush=True)
+            if gateway is not None:
+                gateway.wait(out)
+            print(_banner(node, url, namespace, where, creds, join, limit, gateway), file=out, flush=True)
 
         try:
             await serve_node(specs, url, namespace, where.name, ready, stop=stop, grace=STOP_GRACE,
@@ -131,6 +139,8 @@ def run_up(specs: list[tuple[type, int | None]], namespace: str, data_dir: str |
                 raise  # with the server gone, what failed on the way down is no news
         finally:
             stop.set()
+            if gateway is not None:  # first: it answers its HTTP clients while the node still serves
+                await asyncio.get_running_loop().run_in_executor(None, gateway.stop)
             await watcher
 
     try:
@@ -138,6 +148,8 @@ def run_up(specs: list[tuple[type, int | None]], namespace: str, data_dir: str |
     except KeyboardInterrupt:
         pass
     finally:
+        if gateway is not None:
+            gateway.stop()
         discovery.clear_running(os.getpid())
         server.stop()
     if died:

@@ -44,6 +44,7 @@ def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     e = dict(os.environ)
     e["PYTHONPATH"] = os.pathsep.join([str(TESTS), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     e["PYTHONUNBUFFERED"] = "1"
+    e.setdefault("NALAR_GATEWAY_PORT", "0")  # `nalar up` without its gateway, unless a test asks for one
     e.update(extra or {})
     return e
 

@@ -233,9 +233,11 @@ def test_the_openai_client_gets_completions_from_a_simulated_model(dep: Deployme
 
     with pytest.raises(openai.NotFoundError):
         oa.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
-    with pytest.raises(openai.APIError, match="does not exist"):  # mid-stream: the error is the last event
+    with pytest.raises(openai.NotFoundError, match="does not exist"):  # streamed: known before the stream starts
         list(oa.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}],
                                         stream=True))
+    with pytest.raises(openai.BadRequestError):  # and so is a parameter the engine refuses
+        list(oa.completions.create(model="SimLLM", prompt="x", max_tokens=5, temperature=9, stream=True))
     with pytest.raises(openai.BadRequestError):  # a sampling parameter the model refuses
         oa.completions.create(model="SimLLM", prompt="x", max_tokens=5, temperature=9)
 
@@ -288,13 +290,47 @@ def test_a_stream_the_client_leaves_cancels_the_call(dep: Deployment, nc: nalar.
         with c.stream("POST", "/v1/chat/completions", json={"model": "ParkingChat", "stream": True,
                                                            "messages": [{"role": "user", "content": "x"}]}) as r:
             assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-            first = next(r.iter_lines())
+            lines = r.iter_lines()  # held: a discarded iterator closes the response, and the connection
+            first = next(lines)
             assert first.startswith("data: ") and '"role":"assistant"' in first, first
             wait_for(lambda: parking.stats().result(30)["started"] > before["started"], what="the call to start")
     after = wait_for(lambda: (s := parking.stats().result(30))["cancelled"] > before["cancelled"] and s,
                      what="the streamed call to be cancelled")
     assert after["cancelled"] == before["cancelled"] + 1, (before, after)
     assert httpx.get(f"{dep.base}/v1/models").status_code == 200  # type: ignore[attr-defined]
+
+
+def test_a_stream_comes_token_by_token_and_a_client_that_leaves_aborts_the_engine(dep: Deployment,
+                                                                                 nc: nalar.Client) -> None:
+    """SimLLM's streaming method: the pieces arrive as the engine makes them, and a client gone
+    mid-stream has its request dropped by the engine (its ``aborted`` count), not run to the end."""
+    with httpx.Client(base_url=dep.base, timeout=60) as c:  # type: ignore[attr-defined]
+        with c.stream("POST", "/v1/completions", json={"model": "SimLLM", "prompt": "p", "stream": True,
+                                                      "max_tokens": 64, "ignore_eos": True}) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data: {")]
+        texts = [e for e in events if '"text":"' in e and '"text":""' not in e]
+        assert len(texts) > 2, events  # many pieces, not one completion cut up at the end
+        llm = nc.stub("SimLLM")
+
+        def aborted() -> int:
+            return sum(s.get("aborted", 0) for s in _engine_stats(nc, "SimLLM").values())
+
+        before = aborted()
+        with c.stream("POST", "/v1/completions", json={"model": "SimLLM", "prompt": "p", "stream": True,
+                                                      "max_tokens": 8000, "ignore_eos": True}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()  # held until the client leaves, at the end of the block
+            assert next(line for line in lines if '"text":"' in line)  # it is generating
+    wait_for(lambda: aborted() > before, what="the engine to drop the request of the client that left")
+    assert all(s["running"] == 0 for s in _engine_stats(nc, "SimLLM").values()), _engine_stats(nc, "SimLLM")
+    assert llm.generate("after", max_tokens=3).result(30)["completion_tokens"] >= 1
+
+
+def _engine_stats(nc: nalar.Client, actor: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for n in nc.status(5.0):
+        out.update((n.get("actors", {}).get(actor) or {}).get("engine") or {})
+    return out
 
 
 # -- the command -------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import nalar
 from conftest import wait_for
 from nalar.actors import control
 from nalar.actors.control import DecisionTable, Scale
-from nalar.actors.models import SamplingParams
+from nalar.actors.models import Completion, SamplingParams
 from nalar.actors.models.simulated import SimEngine
 from nalar.policy.api import Actions, View
 from nalar.policy.builtin import Proportional, Sticky
@@ -98,8 +98,10 @@ async def test_a_cancelled_caller_frees_its_kv_and_others_go_on():
 async def test_streaming_yields_the_text_as_it_is_generated():
     e = await _engine()
     try:
-        chunks = [c async for c in e.stream("hello", SamplingParams(max_tokens=12, ignore_eos=True))]
-        assert len(chunks) > 1 and len("".join(chunks).split()) == 12
+        *chunks, done = [c async for c in e.stream("hello", SamplingParams(max_tokens=12, ignore_eos=True))]
+        assert len(chunks) > 1 and all(isinstance(c, str) for c in chunks)
+        assert len("".join(chunks).split()) == 12
+        assert isinstance(done, Completion) and done.text == "".join(chunks) and done.completion_tokens == 12
     finally:
         await e.stop()
 

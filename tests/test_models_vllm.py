@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+import httpx
 import pytest
 
 pytest.importorskip("vllm")
@@ -25,7 +26,7 @@ psutil = pytest.importorskip("psutil")  # a vLLM dependency
 
 import nalar  # noqa: E402
 from conftest import NodeProc, free_port, node_env, wait_for  # noqa: E402
-from nalar.actors.models import SamplingParams  # noqa: E402
+from nalar.actors.models import Completion, SamplingParams  # noqa: E402
 from nalar.actors.models.openai_engine import OpenAIEngine, parse_vllm_metrics  # noqa: E402
 from nalar.actors.models.tiny import make_tiny_model  # noqa: E402
 from sample_models import MAX_MODEL_LEN  # noqa: E402
@@ -297,14 +298,55 @@ async def test_openai_engine_in_process_discovers_the_model_and_streams(dep: Dep
     await e.start()
     try:
         assert e.model == "tiny"
-        parts = [p async for p in e.stream("stream me", SamplingParams(max_tokens=6, ignore_eos=True))]
+        *parts, done = [p async for p in e.stream("stream me", SamplingParams(max_tokens=6, ignore_eos=True))]
         assert parts and all(isinstance(p, str) for p in parts)
+        assert isinstance(done, Completion) and done.text == "".join(map(str, parts)) and done.completion_tokens == 6
     finally:
         await e.stop()
     dead = OpenAIEngine(dep.dead_url)
     with pytest.raises(ConnectionError, match=dep.dead_url.replace(".", r"\.")):
         await dead.start()
     await dead.stop()
+
+
+# -- the gateway in front of vLLM -----------------------------------------------------------------------
+def test_the_openai_client_through_the_gateway_streams_tokens_from_vllm(dep: Deployment, tmp_path: Path) -> None:
+    """The official client against ``nalar gateway``: a completion, and a stream that arrives piece by
+    piece, from vLLM in-process and from `vllm serve` behind the OpenAI engine; a client that leaves
+    mid-stream has its request aborted in vLLM."""
+    import openai
+
+    port = free_port()
+    gw = NodeProc(["--port", str(port), "--nats", dep.nats_url, "--namespace", dep.namespace],
+                  node_env({"NALAR_HOME": str(tmp_path / "home")}), cmd="gateway", marker="listening on")
+    try:
+        gw.wait_ready()
+        oa = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        for model in ("TinyVllm", "TinyOpenAI"):
+            chat = oa.chat.completions.create(model=model, messages=[{"role": "user", "content": "hello"}],
+                                              max_tokens=6, extra_body={"ignore_eos": True})
+            assert chat.usage and chat.usage.completion_tokens == 6, chat
+            assert chat.choices[0].message.content, chat
+            chunks = list(oa.completions.create(model=model, prompt="stream me", max_tokens=12, stream=True,
+                                                stream_options={"include_usage": True},
+                                                extra_body={"ignore_eos": True}))
+            texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+            assert len(texts) > 1, (model, chunks)  # token by token, not the whole text at once
+            assert chunks[-1].usage and chunks[-1].usage.completion_tokens == 12, chunks[-1]
+        llm = dep.stub("TinyVllm")
+        before = llm.engine_stats().result(30)["aborted"]
+        with httpx.Client(timeout=60) as c, c.stream(
+                "POST", f"http://127.0.0.1:{port}/v1/completions",
+                json={"model": "TinyVllm", "prompt": "long", "stream": True, "ignore_eos": True,
+                      "max_tokens": MAX_MODEL_LEN - 100}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()  # held until the client leaves, at the end of the block
+            assert next(line for line in lines if line.startswith("data: "))  # the generation is under way
+        st = wait_for(lambda: (s := llm.engine_stats().result(30))["aborted"] > before and s["in_flight"] == 0
+                      and s, 60, "vLLM to abort the request of the client that left")
+        assert st["scheduler_running"] == 0 or st["unfinished"] == 0, st
+    finally:
+        gw.stop()
 
 
 # -- last: stopping the node stops its engine ---------------------------------------------------------

@@ -163,3 +163,70 @@ def test_a_dead_server_is_said_and_ends_nalar_up(tmp_path: Path) -> None:
         assert not (home / "up.json").exists()
     finally:
         up.kill()
+
+
+def test_the_gateway_comes_up_with_it_and_goes_with_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``nalar up --gateway-port``: HTTP reaches the demo actors through a gateway that connected with
+    the client credential by itself; SIGKILL of ``nalar up`` alone takes the gateway down with it; a
+    busy port is said and the rest still runs."""
+    import socket
+
+    import httpx
+
+    from conftest import free_port
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("NALAR_HOME", str(home))
+    port = free_port()
+    up = Proc(home, "up", "--gateway-port", str(port))
+    try:
+        banner = "".join(up.lines)
+        assert f"gateway    http://127.0.0.1:{port}" in banner, banner
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/actors/Notebook/add", json=["buy milk"],
+                       headers={"X-Session-Id": "gw"}, timeout=30)
+        assert r.status_code == 200 and r.json() == {"result": 1}, r.text
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/actors/Nobody/x", json=[], timeout=30).status_code == 404
+        gateway = [c for c in _children(up.p.pid) if "nalar.cli.main gateway" in c[1]]
+        assert len(gateway) == 1, gateway
+        up.p.kill()  # SIGKILL, to nalar up alone
+        up.p.wait(30)
+        wait_for(lambda: _gone(gateway[0][0]) or _zombie(gateway[0][0]), 30, "the gateway to die with nalar up")
+        with socket.socket() as s:  # and its port is free again
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+    finally:
+        up.kill()
+    with socket.socket() as squat:
+        squat.bind(("127.0.0.1", port))
+        squat.listen()
+        up = Proc(home, "up", "--gateway-port", str(port))
+        try:
+            banner = "".join(up.lines)
+            assert f"the gateway did not start on 127.0.0.1:{port}" in banner and "gateway    http" not in banner
+            with nalar.connect() as c:  # the rest runs
+                assert c.stub("Notebook", session="gw").add("and bread").result(30) == 2
+        finally:
+            up.kill()
+
+
+def _zombie(pid: int) -> bool:
+    """Dead, and not yet reaped by whoever it was handed to."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of ``pid``'s child processes, from /proc."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                out.append((int(d.name), (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out

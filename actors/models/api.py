@@ -119,10 +119,19 @@ class Engine(abc.ABC):
     async def generate(self, prompt: str, params: SamplingParams, session: str | None = None) -> Completion:
         """Generate a completion of ``prompt``. ``session`` lets an engine model its prefix cache."""
 
-    async def stream(self, prompt: str, params: SamplingParams, session: str | None = None) -> AsyncIterator[str]:
-        """Text as it is generated. Default: the whole completion at once."""
+    async def stream(self, prompt: str, params: SamplingParams,
+                     session: str | None = None) -> AsyncIterator[str | Completion]:
+        """The text as it is generated (``str`` pieces), then the ``Completion`` (its whole text, tokens
+        and timings). Closing the iterator early aborts the request. Default: all of it at once."""
         c = await self.generate(prompt, params, session)
         yield c.text
+        yield c
+
+    async def stream_chat(self, messages: list[dict[str, str]], params: SamplingParams,
+                          session: str | None = None) -> AsyncIterator[str | Completion]:
+        """``chat``, streamed as ``stream`` is."""
+        async for piece in self.stream(check_prompt(self.format_chat(messages)), params, session):
+            yield piece
 
     async def chat(self, messages: list[dict[str, str]], params: SamplingParams,
                    session: str | None = None) -> Completion:

@@ -17,11 +17,15 @@ session then prefills its whole conversation again, stalling the batch: throughp
 when load is highest. Held calls wait in the node's queue, in priority order, instead of in the
 engine's first-come queue. ``kv_budget = None`` turns it off; engines that do not report their KV
 capacity (an OpenAI-compatible server) are not budgeted.
+
+Streaming: ``generate_stream`` and ``chat_stream`` yield the text as the engine makes it (``str``
+pieces), then one dict, the completion without its text; a caller reads them with ``async for``.
+Cancelling the call (or a caller that goes away) closes the stream, which aborts the engine's request.
 """
 from __future__ import annotations
 
 import asyncio
-from typing import Any, ClassVar
+from typing import Any, AsyncIterator, ClassVar
 
 from ..base import Model
 from ..context import session as current_session
@@ -78,6 +82,31 @@ class LLM(Model):
         """Answer a chat (a list of ``{"role", "content"}``), formatted with the engine's template."""
         c = await self._eng().chat(check_messages(messages), SamplingParams.from_kwargs(params), current_session())
         return self._done(c)
+
+    async def generate_stream(self, prompt: str, **params: Any) -> AsyncIterator[str | dict[str, Any]]:
+        """``generate``, streamed: the text's pieces as they come, then the completion (without its text)."""
+        pieces = self._eng().stream(check_prompt(prompt), SamplingParams.from_kwargs(params), current_session())
+        async for piece in self._streamed(pieces):
+            yield piece
+
+    async def chat_stream(self, messages: list[dict[str, str]], **params: Any) -> AsyncIterator[str | dict[str, Any]]:
+        """``chat``, streamed as ``generate_stream`` is."""
+        pieces = self._eng().stream_chat(check_messages(messages), SamplingParams.from_kwargs(params),
+                                         current_session())
+        async for piece in self._streamed(pieces):
+            yield piece
+
+    async def _streamed(self, pieces: AsyncIterator[str | Completion]) -> AsyncIterator[str | dict[str, Any]]:
+        try:
+            async for piece in pieces:
+                if isinstance(piece, Completion):
+                    done = self._done(piece)
+                    done.pop("text", None)
+                    yield done
+                elif piece:
+                    yield piece
+        finally:
+            await pieces.aclose()  # type: ignore[attr-defined]  # an engine's stream left early aborts its request
 
     def admission_cost(self, method: str, args: list[Any], kwargs: dict[str, Any]) -> int:
         """KV tokens a call will hold at most: its prompt (estimated) and ``max_tokens``."""

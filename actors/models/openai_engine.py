@@ -172,6 +172,13 @@ class OpenAIEngine(Engine):
                 yield "", {"usage": chunk["usage"]}
 
     async def _complete(self, path: str, body: dict[str, Any], chat: bool) -> Completion:
+        async for piece in self._pieces(path, body, chat):
+            if isinstance(piece, Completion):
+                return piece
+        raise RuntimeError(f"{shown_url(self.base_url + path)}: the stream ended without a completion")
+
+    async def _pieces(self, path: str, body: dict[str, Any], chat: bool) -> AsyncIterator[str | Completion]:
+        """The text pieces of one streamed request as they come, then its ``Completion``."""
         t0 = now_ms()
         ttft = 0.0
         parts: list[str] = []
@@ -187,6 +194,7 @@ class OpenAIEngine(Engine):
                 parts.append(text)
                 if not ttft:
                     ttft = now_ms() - t0
+                yield text
             finish = choice.get("finish_reason") or finish
         prompt_tokens = int(usage.get("prompt_tokens") or 0)
         details = usage.get("prompt_tokens_details") or {}
@@ -194,10 +202,10 @@ class OpenAIEngine(Engine):
         self._requests += 1
         self._prompt_tokens += prompt_tokens
         self._cached_tokens += cached
-        return Completion(text="".join(parts), prompt_tokens=prompt_tokens,
-                          completion_tokens=int(usage.get("completion_tokens") or chunks),
-                          finish_reason="length" if finish == "length" else "stop", engine=self.name,
-                          cached_tokens=cached, ttft_ms=round(ttft, 3), latency_ms=round(now_ms() - t0, 3))
+        yield Completion(text="".join(parts), prompt_tokens=prompt_tokens,
+                         completion_tokens=int(usage.get("completion_tokens") or chunks),
+                         finish_reason="length" if finish == "length" else "stop", engine=self.name,
+                         cached_tokens=cached, ttft_ms=round(ttft, 3), latency_ms=round(now_ms() - t0, 3))
 
     async def generate(self, prompt: str, params: SamplingParams, session: str | None = None) -> Completion:
         body = self._body(params)
@@ -211,12 +219,19 @@ class OpenAIEngine(Engine):
         body["messages"] = messages
         return await self._complete("/chat/completions", body, chat=True)
 
-    async def stream(self, prompt: str, params: SamplingParams, session: str | None = None) -> AsyncIterator[str]:
+    async def stream(self, prompt: str, params: SamplingParams,
+                     session: str | None = None) -> AsyncIterator[str | Completion]:
         body = self._body(params)
         body["prompt"] = prompt
-        async for text, _ in self._run("/completions", body, chat=False):
-            if text:
-                yield text
+        async for piece in self._pieces("/completions", body, chat=False):
+            yield piece
+
+    async def stream_chat(self, messages: list[dict[str, str]], params: SamplingParams,
+                          session: str | None = None) -> AsyncIterator[str | Completion]:
+        body = self._body(params)
+        body["messages"] = messages
+        async for piece in self._pieces("/chat/completions", body, chat=True):
+            yield piece
 
     # -- stats -------------------------------------------------------------------------------------
     def stats(self) -> EngineStats:

@@ -94,6 +94,7 @@ class SimEngine(Engine):
         self._prompt_total = 0
         self._cached_total = 0
         self._steps = 0
+        self._aborted = 0  # requests whose caller went away (cancel, deadline, a closed stream)
 
     # -- Engine --------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -119,7 +120,8 @@ class SimEngine(Engine):
             raise
         return self._completion(s, params)
 
-    async def stream(self, prompt: str, params: SamplingParams, session: str | None = None) -> AsyncIterator[str]:
+    async def stream(self, prompt: str, params: SamplingParams,
+                     session: str | None = None) -> AsyncIterator[str | Completion]:
         s = self._submit(prompt, params, session)
         s.queue = asyncio.Queue()
         sent = 0
@@ -134,6 +136,7 @@ class SimEngine(Engine):
         except BaseException:
             self._drop(s)
             raise
+        yield self._completion(s, params)
 
     def kv_capacity_tokens(self) -> int | None:
         return self.p.kv_capacity_tokens
@@ -142,7 +145,8 @@ class SimEngine(Engine):
         running = len(self._prefilling) + len(self._decoding)
         return EngineStats(running, len(self._waiting), self._kv_used / self.p.kv_capacity_tokens,
                            self._cached_total / self._prompt_total if self._prompt_total else 0.0,
-                           {"simulated": self.p.name, "steps": self._steps, "cached_sessions": len(self._cache)})
+                           {"simulated": self.p.name, "steps": self._steps, "cached_sessions": len(self._cache),
+                            "aborted": self._aborted})
 
     # -- requests ------------------------------------------------------------------------------------
     def _tokens(self, text: str) -> int:
@@ -180,6 +184,7 @@ class SimEngine(Engine):
 
     def _drop(self, s: _Seq) -> None:
         """A cancelled caller: free what the sequence holds, as vLLM's abort does."""
+        self._aborted += 1
         if s in self._waiting:
             self._waiting.remove(s)
             return

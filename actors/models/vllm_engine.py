@@ -191,20 +191,35 @@ class VllmEngine(Engine):
                           finish_reason=_finish(finish), engine=self.name, cached_tokens=cached,
                           ttft_ms=round(ttft, 3), latency_ms=round(now_ms() - t0, 3))
 
-    async def stream(self, prompt: str, params: SamplingParams, session: str | None = None) -> AsyncIterator[str]:
-        prompt_tokens = cached = 0
+    async def stream(self, prompt: str, params: SamplingParams,
+                     session: str | None = None) -> AsyncIterator[str | Completion]:
+        t0 = now_ms()
+        ttft = 0.0
+        parts: list[str] = []
+        tokens = prompt_tokens = cached = 0
+        finish: str | None = None
         gen = self._outputs(prompt, params)
         try:
             async for text, out in gen:
+                c = out.outputs[0] if out.outputs else None
+                if c is not None and c.token_ids and not ttft:
+                    ttft = now_ms() - t0
                 if out.prompt_token_ids is not None:
                     prompt_tokens = len(out.prompt_token_ids)
                 if out.num_cached_tokens is not None:
                     cached = out.num_cached_tokens
+                if c is not None:
+                    tokens += len(c.token_ids)
+                    finish = c.finish_reason or finish
                 if text:
+                    parts.append(text)
                     yield text
         finally:
             await gen.aclose()
         self._account(prompt_tokens, cached)
+        yield Completion(text="".join(parts), prompt_tokens=prompt_tokens, completion_tokens=tokens,
+                         finish_reason=_finish(finish), engine=self.name, cached_tokens=cached,
+                         ttft_ms=round(ttft, 3), latency_ms=round(now_ms() - t0, 3))
 
     def _account(self, prompt_tokens: int, cached: int) -> None:
         self._requests += 1

@@ -20,7 +20,7 @@ from ...bus.envelope import CallMessage
 from ...bus.errors import RemoteError
 from ...state.managed import Txn
 from ...state.record import Change
-from ..base import Actor, Budgeted, actor_name, public_methods
+from ..base import Actor, Budgeted, actor_name, public_methods, streaming_methods
 from ..context import CallScope
 from ..hints import Hints
 
@@ -103,6 +103,7 @@ class ActorGroup:
         self.cls = cls
         self.hints = hints
         self.methods = public_methods(cls)  # name -> is ``async def``
+        self.streams = streaming_methods(cls)  # the async generators among them
         self.has_async = any(self.methods.values())
         self.has_sync = not all(self.methods.values())
         self.instances: list[Instance] = []

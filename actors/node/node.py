@@ -93,6 +93,11 @@ class Node:
             raise ValueError(f"actor {g.name!r} is listed twice")
         if not g.methods:
             raise ValueError(f"{cls.__name__} has no public methods to serve")
+        if g.streams and h.stateful:
+            # its items would reach the caller before its state commits, and a re-run after a lost
+            # commit race would send them again
+            raise ValueError(f"{cls.__name__} is stateful, so its methods cannot stream (yield): "
+                             f"{sorted(g.streams)}; return the whole value instead")
         hosting = self.executor.hosting
         for _ in range(n):
             hosting.add(hosting.new(g))
