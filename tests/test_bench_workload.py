@@ -42,6 +42,25 @@ def test_bench_router_compare_prints_one_json_line_and_writes_results(tmp_path: 
     assert (out / "cdf.png").stat().st_size > 1000 and (out / "latency_over_time.png").exists()
 
 
+@pytest.mark.timeout(240)
+def test_bench_drives_a_workload_and_calls_through_the_gateway(tmp_path: Path):
+    """``--via http``: a workload's turns, and the calls benchmark's, through a gateway process; the
+    calls benchmark reports the gateway's overhead against the direct client of the same run."""
+    p = subprocess.run([sys.executable, "-m", "nalar.cli.main", "bench", "router", "--rps", "6", "--duration", "2",
+                        "--json", "--speed", "20", "--no-progress", "--via", "http", "--out", str(tmp_path / "r")],
+                       capture_output=True, text=True, timeout=220, env=node_env())
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    last = json.loads(p.stdout.strip().splitlines()[-1])
+    assert last["via"] == "http" and last["nalar"]["failed"] == 0 and last["nalar"]["completed"] > 0, last
+    p = subprocess.run([sys.executable, "-m", "nalar.cli.main", "bench", "calls", "--via", "http", "--repeat", "1",
+                        "--calls", "100", "--seconds", "0.5", "--inflight", "20", "--json"],
+                       capture_output=True, text=True, timeout=220, env=node_env())
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    last = json.loads(p.stdout.strip().splitlines()[-1])
+    assert last["http_rps"] > 0 and last["http_p50_us"] > 0 and "gateway_overhead_p50_us" in last, last
+    assert "gateway overhead per request at p50" in p.stdout
+
+
 def test_bench_refuses_bad_arguments_clearly():
     for args, msg in ((["--rps", "0"], "rates must be > 0"), (["--sweep", "1,x"], "comma-separated"),
                       (["--duration", "-1"], "--duration must be > 0")):

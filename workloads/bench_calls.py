@@ -4,6 +4,9 @@ Both sides talk to one nats-server started here; the raw responder and the nalar
 processes, the client is this process. For each of ``--repeat`` rounds (interleaved, so noise hits
 both alike): sequential round trips (latency p50) and ``--inflight`` concurrent callers (throughput).
 Medians over rounds are reported; the last line is one JSON object.
+
+``--via http`` adds the same calls through a ``nalar gateway`` process (``POST /v1/actors/Echo/echo``
+on keep-alive connections): the gateway's overhead is its p50 less the direct client's, in the same run.
 """
 from __future__ import annotations
 
@@ -57,6 +60,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         Child([sys.executable, "-m", "nalar.workloads.bench_actors", url, "bench.raw"], "raw responder ready"),
         node_process(url, ns, "nalar.workloads.demo:Echo", "nalar.workloads.bench_actors:SyncEcho"),
     ]
+    gateway = None
+    if args.via == "http":
+        from ..bus.cluster import free_ports
+        from .bench_http import start_gateway
+
+        gateway, base = start_gateway(url, ns, free_ports(1)[0])
+        children.append(gateway)
     try:
         nc = await nats.connect(url)
         payload = b'"hello"'
@@ -75,6 +85,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             return await sync_echo.echo("hello")
 
         kinds: dict[str, Call] = {"raw": raw, "nalar": nal, "nalar_sync": nal_sync}
+        http = None
+        if gateway is not None:
+            from .bench_http import HttpClient
+
+            http = HttpClient(base)
+            body = orjson.dumps(["hello"])
+
+            async def via_http(i: int) -> Any:
+                assert http is not None
+                return await http.post("/v1/actors/Echo/echo", body)
+
+            kinds["http"] = via_http
         for call in kinds.values():  # warm up connections, code paths, caches
             await sequential(call, 200)
             await concurrent(call, args.inflight, 0.3)
@@ -91,6 +113,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 rps[k].append(await concurrent(call, args.inflight, args.seconds))
             print(f"round {r + 1}/{args.repeat}: " + ", ".join(f"{k} {rps[k][-1]:,.0f}/s" for k in kinds),
                   file=sys.stderr)
+        if http is not None:
+            await http.close()
         await client.aclose()
         await nc.close()
     finally:
@@ -105,11 +129,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
           f"{args.inflight} in flight for {args.seconds}s per round")
     print(f"{'path':<34} {'p50 us':>9} {'p99 us':>9} {'seq/s':>9} {'rps@' + str(args.inflight):>10} {'vs raw':>7}")
     names = {"raw": "raw nats-py request/reply", "nalar": "nalar call (async actor)",
-             "nalar_sync": "nalar call (sync pykka actor)"}
+             "nalar_sync": "nalar call (sync pykka actor)", "http": "HTTP via nalar gateway (async actor)"}
     for k in kinds:
         print(f"{names[k]:<34} {m[k]['p50_us']:>9.0f} {m[k]['p99_us']:>9.0f} {m[k]['seq_rps']:>9,.0f} "
               f"{m[k]['rps']:>10,.0f} {m[k]['rps'] / m['raw']['rps']:>7.2f}")
+    out: dict[str, Any] = {}
+    if "http" in m:
+        over = m["http"]["p50_us"] - m["nalar"]["p50_us"]
+        print(f"gateway overhead per request at p50: {over:,.0f} us over the direct client "
+              f"({m['http']['p50_us']:,.0f} against {m['nalar']['p50_us']:,.0f}); through one gateway process "
+              f"{m['http']['rps']:,.0f} requests/s at {args.inflight} in flight")
+        out = {"http_p50_us": round(m["http"]["p50_us"], 1), "http_p99_us": round(m["http"]["p99_us"], 1),
+               "http_rps": round(m["http"]["rps"]), "gateway_overhead_p50_us": round(over, 1)}
     return {
+        **out,
         "raw_rps": round(m["raw"]["rps"]), "nalar_rps": round(m["nalar"]["rps"]),
         "ratio": round(m["nalar"]["rps"] / m["raw"]["rps"], 3),
         "raw_p50_us": round(m["raw"]["p50_us"], 1), "nalar_p50_us": round(m["nalar"]["p50_us"], 1),
@@ -128,6 +161,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seconds", type=float, default=3.0, help="length of each throughput round")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--nats", default=None, help="use this server instead of starting one")
+    p.add_argument("--via", choices=("nats", "http"), default="nats",
+                   help="http: also call through a nalar gateway process, and report its overhead")
     args = p.parse_args(argv)
     out = asyncio.run(run(args))
     print(orjson.dumps(out).decode())

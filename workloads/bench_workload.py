@@ -155,6 +155,7 @@ async def run_config(wl: WorkloadSpec, config: str, url: str, ns: str, rps: floa
     actor = PolicyActor(client.runtime, load_policies(",".join(policies)), interval=a.interval, collect_timeout=2.0)
     stop = asyncio.Event()
     res = RunResult(config, rps)
+    http: Any = None
     try:
         await actor.start()
         t_wait = time.monotonic()
@@ -167,7 +168,15 @@ async def run_config(wl: WorkloadSpec, config: str, url: str, ns: str, rps: floa
         sessions = list(wl.sessions(random.Random(a.seed), rps, duration))
         total = sum(len(s.turns) for _, s in sessions)
         actor_name, method = wl.entry.split(".", 1)
-        stub = client.stub(actor_name, retry=nalar.NO_RETRY)
+        stub: Any = client.stub(actor_name, retry=nalar.NO_RETRY)
+        if a.via == "http":  # each session's turns through a gateway process, as an HTTP client's would
+            from ..bus.cluster import free_ports
+            from .bench_http import HttpClient, HttpStub, start_gateway
+
+            gateway, base = start_gateway(url, ns, free_ports(1)[0])
+            nodes.append(gateway)
+            http = HttpClient(base)
+            stub = HttpStub(http, actor_name)
         bar = _progress(total, f"{wl.name} {config} @ {rps:g} rps", a)
 
         def done(n: int) -> None:
@@ -192,6 +201,8 @@ async def run_config(wl: WorkloadSpec, config: str, url: str, ns: str, rps: floa
     finally:
         stop.set()
         await actor.stop()
+        if http is not None:
+            await http.close()
         await client.aclose()
         for c in nodes:
             c.stop()
@@ -243,7 +254,8 @@ async def run(wl: WorkloadSpec, a: argparse.Namespace) -> list[dict[str, Any]]:
     try:
         for i, rps in enumerate(a.rates):
             row: dict[str, Any] = {"workload": wl.name, "rps": rps, "duration_s": a.duration,
-                                   "engine": _engine_name(a.engine), "simulated": a.engine.startswith("sim")}
+                                   "engine": _engine_name(a.engine), "simulated": a.engine.startswith("sim"),
+                                   "via": a.via}
             for config in configs:
                 r = await run_config(wl, config, url, f"bench-{wl.name}-{config}-{i}-{os.getpid()}", rps,
                                      a.duration, a)
@@ -310,6 +322,8 @@ def main(argv: list[str], name: str) -> int:
     p.add_argument("--json", action="store_true", help="print only JSON; the last line is the (last) result")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--nats", default=None, help="use this NATS server (default: start an embedded one)")
+    p.add_argument("--via", choices=("nats", "http"), default="nats",
+                   help="http: every session's turns go through a nalar gateway process (POST /v1/actors/...)")
     a = p.parse_args(argv)
     if a.duration <= 0:
         p.error("--duration must be > 0")
