@@ -25,12 +25,16 @@ def build_app(gw: Any) -> Any:
     from . import gateway_openai as oa
     from .gateway import call_actor
 
-    return Starlette(routes=[
+    from ..bus import tracing
+    from .gateway_trace import TraceMiddleware
+
+    app: Any = Starlette(routes=[
         Route("/v1/actors/{actor}/{method}", gw.endpoint(call_actor), methods=["POST"]),
         Route("/v1/chat/completions", gw.endpoint(oa.chat_completions), methods=["POST"]),
         Route("/v1/completions", gw.endpoint(oa.completions), methods=["POST"]),
         Route("/v1/models", gw.endpoint(oa.list_models), methods=["GET"]),
     ])
+    return TraceMiddleware(app) if tracing.TRACER is not None else app  # the runtime turned tracing on
 
 
 def _model_map(texts: list[str]) -> dict[str, str]:

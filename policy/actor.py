@@ -39,6 +39,7 @@ from ..bus import kv as bkv
 from ..bus.errors import BusError, MalformedMessage
 from .api import Actions, Policy, View
 from .lease import RENEW_EVERY, TRY_EVERY, Lease
+from .spans import round_span
 
 log = logging.getLogger("nalar.policy")
 DEFAULT_INTERVAL = 1.0
@@ -251,6 +252,7 @@ class PolicyActor:
         if not self.may_decide():
             return {"round": self.round_no, "role": self.role, "skipped": True}
         t0 = time.perf_counter()
+        start_ns = time.time_ns()
         self.round_no += 1
         metrics = await self.collect()
         t1 = time.perf_counter()
@@ -264,6 +266,7 @@ class PolicyActor:
             except Exception as e:  # a broken policy is reported, the others still run
                 self._report(name, e, f"policy {name} failed")
         ops = [op.to_wire() for op in act.batch()]  # the wire form: applied here, then broadcast
+        refused = len(act.refused)
         if act.refused:
             self.refused = (self.refused + act.refused)[-20:]
         t2 = time.perf_counter()
@@ -285,6 +288,7 @@ class PolicyActor:
                  "collect_ms": round((t1 - t0) * 1000, 3), "policy_ms": round((t2 - t1) * 1000, 3),
                  "broadcast_ms": round((t3 - t2) * 1000, 3), "round_ms": round((t3 - t0) * 1000, 3)}
         self.rounds = (self.rounds + [stats])[-50:]
+        round_span(stats, ops, refused, start_ns, self.name)
         return stats
 
     async def collect(self) -> dict[str, dict[str, Any]]:

@@ -48,3 +48,18 @@ class Declared(Policy):
             have = wanted[0] if wanted is not None else len(av.on(node))
             for _ in range(count - have):
                 act.provision(actor, node)
+
+
+class Prioritize(Policy):
+    """Raises one session's priority in the first round that sees a node (tests/test_tracing.py's round span)."""
+
+    name = "prioritize"
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def decide(self, view: View, act: Actions) -> None:
+        if not self.done and view.nodes:
+            act.set_priority("traced-session", 7)
+            act.set_priority("other-session", 3)
+            self.done = True

@@ -326,3 +326,58 @@ def test_tracing_off_without_endpoint(client: nalar.Client, start_node: Callable
     assert tracing.TRACER is None
     assert client.stub("Calc").add(1, 2).result(30) == 3
     assert tracing.TRACER is None
+
+
+def test_a_request_at_the_gateway_is_one_trace_under_its_http_span(receiver: Receiver,
+                                                                   start_node: Callable[..., Any],
+                                                                   nats_url: str, namespace: str) -> None:
+    """The gateway's SERVER span (continuing the HTTP client's ``traceparent``) is the parent of the call
+    tree; the gateway reports its own service.name; a policy round that decided ops is a span with them."""
+    import httpx
+
+    from conftest import NodeProc, free_port
+
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    start_node("sample_actors:Planner", name="nodeA", env=otel)
+    start_node("sample_actors:Calc", name="nodeB", env=otel)
+    port = free_port()
+    procs = [NodeProc(["--port", str(port), "--nats", nats_url, "--namespace", namespace], node_env(otel),
+                      cmd="gateway", marker="listening on"),
+             NodeProc(["--nats", nats_url, "--namespace", namespace, "--interval", "0.2",
+                       "--policies", "sample_policies:Prioritize"], node_env(otel), cmd="policy",
+                      marker="policy actor ready")]
+    try:
+        for p in procs:
+            p.wait_ready()
+        trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/actors/Planner/plan", json=[2, 3], timeout=30,
+                       headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01", "X-Session-Id": "traced-session"})
+        assert r.status_code == 200 and r.json()["result"]["value"] == 10, r.text
+        spans = receiver.wait(lambda got: sum(s["name"] == "Calc.add" for s in got) >= 2
+                              and any(s["name"] == "policy round" for s in got)
+                              and any(s["name"].startswith("POST ") for s in got))
+    finally:
+        for p in procs:
+            p.stop()
+    http = _one(spans, "POST /v1/actors/{actor}/{method}")
+    assert http["kind"] == SERVER and http["service"] == "nalar-gateway" and http["trace"] == trace_id
+    assert http["parent"] == "00f067aa0ba902b7"  # the HTTP client's span
+    a = http["attrs"]
+    assert a["http.request.method"] == "POST" and a["http.route"] == "/v1/actors/{actor}/{method}"
+    assert a["url.path"] == "/v1/actors/Planner/plan" and a["http.response.status_code"] == 200
+    assert a["nalar.session"] == "traced-session" and a["server.port"] == port
+    root = _one(spans, "call Planner.plan")
+    assert root["parent"] == http["id"] and root["service"] == "nalar-gateway" and root["kind"] == CLIENT
+    tree = [s for s in spans if s["trace"] == trace_id]
+    assert {s["name"] for s in tree} >= {"Planner.plan", "call Calc.add", "Calc.add", "call Calc.where", "Calc.where"}
+    assert {s["service"] for s in tree} == {"nalar-gateway", "nalar-node"}
+
+    rounds = [s for s in spans if s["name"] == "policy round"]
+    # only rounds that decided something (the first: the instance counts, and Prioritize's two)
+    rounds = [s for s in rounds if s["attrs"].get("nalar.policy.ops.priority")]
+    assert len(rounds) == 1, rounds
+    ra = rounds[0]["attrs"]
+    assert rounds[0]["service"] == "nalar-policy" and rounds[0]["trace"] != trace_id
+    kinds = {k: v for k, v in ra.items() if k.startswith("nalar.policy.ops.")}
+    assert ra["nalar.policy.ops.priority"] == 2 and ra["nalar.policy.ops"] == sum(kinds.values()), ra
+    assert ra["nalar.policy.nodes"] == 2 and ra["nalar.decisions.version"] >= 1 and "nalar.policy.term" in ra
