@@ -184,6 +184,53 @@ async def await_call(request: Request, fut: Any) -> Any:
     raise ClientGone()
 
 
+def failed(request: Request, status: int, e: BaseException | None) -> None:
+    """One log line per failed request (``nalar.calls``, as a node's failed calls): the route, status, the
+    call and its error, its request id (the gateway's call is the request's root) and trace id."""
+    calls = logging.getLogger("nalar.calls")
+    if not calls.isEnabledFor(logging.WARNING):
+        return
+    fields: dict[str, Any] = {"http_method": request.method, "http_path": request.url.path, "http_status": status,
+                              "source": "gateway"}
+    actor = request.path_params.get("actor")
+    method = request.path_params.get("method")
+    if isinstance(e, RemoteError):
+        actor, method = e.actor or actor, e.method or method
+        fields.update(error_kind=e.kind, error_type=e.type, error_message=str(e.message)[:500])
+        if e.future_id:
+            fields["request_id"] = fields["future_id"] = e.future_id
+    elif e is not None:
+        fields.update(error_kind=getattr(e, "kind", "bad_request"), error_type=type(e).__name__,
+                      error_message=str(getattr(e, "message", e))[:500])
+    else:
+        fields.update(error_kind="client_gone", error_type="ClientGone", error_message="the client disconnected")
+    if actor:
+        fields.update(actor=actor, call=f"{actor}.{method or ''}")
+        if method:
+            fields["method"] = method
+    session = request.headers.get("x-session-id")
+    if session:
+        fields["session"] = session[:256]
+    tid = _trace_id()
+    if tid:
+        fields["trace_id"] = tid
+    ids = " ".join(f"{k.split('_')[0]}={fields[k]}" for k in ("request_id", "trace_id") if k in fields)
+    calls.warning("request failed: %s %s %d %s %s: %s%s", request.method, request.url.path, status,
+                  fields["error_kind"], fields["error_type"], fields["error_message"], f" ({ids})" if ids else "",
+                  extra={"nalar": fields})
+
+
+def _trace_id() -> str:
+    from ..bus import tracing
+
+    if tracing.TRACER is None:
+        return ""
+    from opentelemetry import trace
+
+    ctx = trace.get_current_span().get_span_context()
+    return f"{ctx.trace_id:032x}" if ctx.is_valid else ""
+
+
 # -- the app -------------------------------------------------------------------------------------------
 class Gateway:
     """What every endpoint shares: the connection, the body bound, the API key and the model names."""
@@ -214,11 +261,14 @@ class Gateway:
             try:
                 return await fn(self, request)
             except ClientGone:
+                failed(request, 499, None)
                 return Response(status_code=499)  # nobody reads it
             except Exception as e:
                 if not isinstance(e, (HTTPError, RemoteError, BusError, ValueError)):
                     log.exception("%s %s failed in the gateway", request.method, request.url.path)
-                return error_response(e)
+                response = error_response(e)
+                failed(request, response.status_code, e)
+                return response
         return handle
 
     def stub(self, actor: str, opts: dict[str, Any]) -> Any:

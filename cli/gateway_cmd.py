@@ -11,6 +11,7 @@ import signal
 import sys
 from typing import Any
 
+from . import logs
 from .args import GLOBALS, byte_size, port
 
 DEFAULT_MAX_BODY = 8 << 20  # the app's too (cli/gateway.py)
@@ -66,6 +67,7 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
     g.add_argument("--max-body", type=byte_size, default=None, metavar="BYTES",
                    help=f"the largest request body, e.g. 4MiB (default: the NATS server's max_payload, at most "
                         f"{DEFAULT_MAX_BODY >> 20} MiB); larger ones are refused with 413")
+    logs.add_args(g)
     g.add_argument("--nats", metavar="URL", default=None, help=GLOBALS["nats"][1])
     g.add_argument("--namespace", metavar="NS", default=None, help=GLOBALS["namespace"][1])
 

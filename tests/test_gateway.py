@@ -158,6 +158,22 @@ def _queued(nc: nalar.Client, actor: str) -> int:
     return int(_actor_status(nc, actor).get("queued", 0))
 
 
+def test_each_failed_request_is_logged_once(dep: Deployment, http: httpx.Client) -> None:
+    """The gateway's log (``nalar.calls``, as a node's): the route, status, call, error and request id."""
+    gw = dep.procs[3]  # the gateway without an API key
+    marker = "NoSuchActor" + uuid.uuid4().hex[:8]
+    assert http.post(f"/v1/actors/{marker}/x").status_code == 404
+    r = http.post("/v1/actors/Planner/nested_fail", json=[])
+    line = wait_for(lambda: next((x for x in list(gw.output) if marker in x), None), what="the 404's log line")
+    assert f"request failed: POST /v1/actors/{marker}/x 404 unknown_actor UnknownActor" in line, line
+    assert sum(marker in x for x in gw.output) == 1
+    assert r.status_code == 500, r.text  # a method that raised: its request id is the call's future id
+    fid = r.json()["error"]["future_id"]
+    logged = wait_for(lambda: next((x for x in list(gw.output) if f"request={fid}" in x), None),
+                      what="the 500's log line")
+    assert "request failed: POST /v1/actors/Planner/nested_fail 500 error" in logged, logged
+
+
 def test_every_error_kind_has_its_status() -> None:
     """What cannot be provoked on cue here (an executor that never answers, a state log down) maps too."""
     cases = {UnknownActor("x"): 404, UnknownMethod("x"): 404, BadRequest("x"): 400, Overloaded("x"): 429,
