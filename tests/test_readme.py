@@ -29,7 +29,7 @@ README = REPO / "README.md"
 EXPECTED_ANSWER = "3 documents, the first: what is nalar?: result 0"
 #: The files the README's python snippets are saved as, each run by a test below.
 RUN_HERE = {"myagents.py", "client.py", "local_mode.py", "notebook.py", "writer.py", "mypolicy.py",
-            "openai_client.py"}
+            "openai_client.py", "stream_writer.py"}
 #: What a README shell block may run; anything else is a new kind of snippet this file must learn.
 KNOWN_PROGRAMS = {"nalar", "python", "python3", "pip", ".", "docker-compose", "umask", "curl"}
 _FENCE = re.compile(r"(?:<!-- readme-(?:example|policy): (\S+) -->\s*)?^```(\w*)\n(.*?)^```", re.S | re.M)
@@ -238,7 +238,7 @@ def test_the_gateway_examples_run_against_a_gateway(tmp_path, start_node, nats_u
     snippet against the Writer of the Models section on the simulated engine."""
     from conftest import NodeProc, free_port
 
-    _write(tmp_path, "writer.py", "openai_client.py")
+    _write(tmp_path, "writer.py", "openai_client.py", "stream_writer.py")
     text = README.read_text()
     start = text.index("## HTTP gateway")
     block = re.compile(r"^```sh\n(.*?)^```", re.S | re.M).search(text, start)
@@ -263,6 +263,13 @@ def test_the_gateway_examples_run_against_a_gateway(tmp_path, start_node, nats_u
         assert r.returncode == 0, r.stdout + r.stderr
         lines = r.stdout.strip().splitlines()
         assert len(lines) == 2 and all(line.strip() for line in lines), r.stdout
+        (run_cmd,) = _sh_after("stream_writer.py")  # a streaming call, straight from a client
+        _, words = _env_and_words(run_cmd)
+        r = subprocess.run([sys.executable, *words[1:]], cwd=tmp_path, env=_deployment_env(nats_url, namespace),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        *text, count = r.stdout.strip().splitlines()
+        assert text and "tokens)" in text[-1] and count.endswith(" items") and int(count.split()[0]) >= 2, r.stdout
     finally:
         gw.stop()
 
