@@ -8,6 +8,8 @@ Where things live, by who reads them:
 - the caller side, in every process: ``runtime.py`` (calls, replies, retries, requests and scatter),
   ``deadlines.py`` (the timer wheel), ``client.py`` (``nalar.connect``), ``loop.py`` (a loop on a
   thread), ``loading.py`` (``module:Class`` names)
+- metrics, in every serving process: ``histogram.py`` (lock-free fixed-bucket latency histograms with
+  a recent window), ``prometheus.py`` (``/metrics`` served from the loop, histograms exported)
 - ``control/``: the contract between the policy actor and each node (decision ops, the decision table,
   metrics rows)
 - ``node/``: the executor, one part per file (its ``__init__`` has the map), and local mode

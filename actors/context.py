@@ -17,7 +17,7 @@ class CallScope:
     """One executing call, as the calls it makes see it (Trio's cancel scope, for nalar calls)."""
 
     __slots__ = ("id", "request", "session", "priority", "deadline", "stage", "born", "actor", "holds_unit",
-                 "otel_ctx", "children", "closed")
+                 "otel_ctx", "children", "closed", "preemptions")
 
     id: str
     """The executing call's future id: the parent of the calls it makes."""
@@ -44,6 +44,9 @@ class CallScope:
     """The futures of the calls it made, cancelled with it."""
     closed: bool
     """Set once it is answered or aborted: it may not start new work."""
+    preemptions: int
+    """How many times the node preempted it before this run (``nalar.preemptions()``): a method that
+    saves its progress can resume from it."""
 
     def __init__(self, id: str, request: str, session: str | None, priority: int, deadline: float, stage: int,
                  born: int, actor: str, holds_unit: bool, otel_ctx: Any,
@@ -60,6 +63,7 @@ class CallScope:
         self.otel_ctx = otel_ctx
         self.children = children
         self.closed = closed
+        self.preemptions = 0
 
 
 #: The scope of the executing call, or ``None`` outside a call.

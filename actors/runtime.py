@@ -702,11 +702,16 @@ class Runtime:
             if r.unknown and value.kind == "unavailable":  # an earlier attempt, unanswered, may have run
                 value = self._outcome_unknown(fut, value.message)
         self._disarm(fut)
-        items = fut._items
-        if ok and items is not None and value != items.next:  # a stream's end: its count says what was sent
-            ok, value = False, Unavailable(
-                f"the stream ended with {value!r} items sent but {items.next} arrived (NATS dropped some for a "
-                "slow consumer?)", actor=fut.actor, method=fut.method, future_id=fut.id)
+        if ok and headers is not None and env.H_STREAM in headers:  # a stream's end: its count says what was sent
+            with _LOCK:
+                items = fut._items
+                if items is None:
+                    items = fut._items = Items()
+                items.stream = True
+            if value != items.next:
+                ok, value = False, Unavailable(
+                    f"the stream ended with {value!r} items sent but {items.next} arrived (NATS dropped some for "
+                    "a slow consumer?)", actor=fut.actor, method=fut.method, future_id=fut.id)
         fut._finish(DONE if ok else FAILED, value)
 
     def _on_item(self, token: str, data: bytes, seq: str) -> None:
@@ -730,6 +735,7 @@ class Runtime:
             items = fut._items
             if items is None:
                 items = fut._items = Items()
+            items.stream = True
             expected = items.next
             if n == expected:
                 items.buf.append(value)

@@ -20,11 +20,12 @@ class Items:
     """The items that have arrived and not been read, the number expected next, the reader's wake-up,
     and whether a reader has asked to be woken when the call ends (``reading``)."""
 
-    __slots__ = ("buf", "next", "waker", "reading")
+    __slots__ = ("buf", "next", "waker", "reading", "stream")
 
     def __init__(self) -> None:
         self.buf: deque[Any] = deque()
         self.next = 0
+        self.stream = False  # an item or a stream's end arrived: the call is a streaming one
         self.waker: tuple[asyncio.AbstractEventLoop, asyncio.Future[None], int] | None = None
         self.reading = False
 
@@ -87,4 +88,7 @@ class Reader:
                     items.waker = None
         if fut._state != DONE:
             raise fut._value
+        if not items.stream:
+            raise TypeError(f"{fut.actor}.{fut.method} is not a streaming method (it does not yield): "
+                            "await its future for its value")
         raise StopAsyncIteration

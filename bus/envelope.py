@@ -32,6 +32,7 @@ H_STAGE = "Nalar-Stage"  # how many calls its request made before it (SRTF-like 
 H_FWD = "Nalar-Fwd"  # the node that forwarded it (a call is forwarded at most once)
 H_BORN = "Nalar-Born"  # when its request (the root call) started, Unix µs: queues serve older requests first
 H_CHUNK = "Nalar-Chunk"  # on a reply: one item of a streaming call, and its place (0, 1, ...) in the stream
+H_STREAM = "Nalar-Stream"  # on a streaming call's last reply (its value: how many items it sent)
 
 MAX_ID_LEN = 128
 MAX_SESSION_LEN = 256

@@ -13,4 +13,7 @@ Where things live (the top layer: it may import every folder, ``workloads`` for 
     up.py          ``nalar up``: an embedded NATS server and a node serving the demo, in one command
     policy.py      ``nalar policy``: the policy actor in its own process
     specs.py       ``module:Class[=N]`` on the command line -> (class, instance count)
+    metrics.py     ``--metrics-port``/``--metrics-addr`` and the endpoint a node or policy process serves
+    gateway_metrics.py  the gateway's Prometheus metrics (HTTP requests, latency, in flight) and ``/metrics``
+    deploy/        not code: the compose profile's Prometheus config and a Grafana dashboard
 """

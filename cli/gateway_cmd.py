@@ -18,8 +18,9 @@ DEFAULT_MAX_BODY = 8 << 20  # the app's too (cli/gateway.py)
 API_KEY_ENV = "NALAR_GATEWAY_API_KEY"
 
 
-def build_app(gw: Any) -> Any:
-    """The Starlette app: every route, each behind ``Gateway.endpoint`` (the API key, error statuses)."""
+def build_app(gw: Any, metrics: bool = True) -> Any:
+    """The Starlette app: every route, each behind ``Gateway.endpoint`` (the API key, error statuses);
+    with ``metrics``, ``GET /metrics`` too, without the key (``cli/gateway_metrics.py`` says why)."""
     from starlette.applications import Starlette
     from starlette.routing import Route
 
@@ -35,7 +36,13 @@ def build_app(gw: Any) -> Any:
         Route("/v1/completions", gw.endpoint(oa.completions), methods=["POST"]),
         Route("/v1/models", gw.endpoint(oa.list_models), methods=["GET"]),
     ])
-    return TraceMiddleware(app) if tracing.TRACER is not None else app  # the runtime turned tracing on
+    if not metrics:
+        return TraceMiddleware(app) if tracing.TRACER is not None else app  # the runtime turned tracing on
+    from .gateway_metrics import GatewayMetrics
+
+    gm = GatewayMetrics()
+    app.router.routes.append(Route("/metrics", gm.endpoint, methods=["GET"]))
+    return gm.wrap(TraceMiddleware(app) if tracing.TRACER is not None else app)
 
 
 def _model_map(texts: list[str]) -> dict[str, str]:
@@ -67,6 +74,9 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
     g.add_argument("--max-body", type=byte_size, default=None, metavar="BYTES",
                    help=f"the largest request body, e.g. 4MiB (default: the NATS server's max_payload, at most "
                         f"{DEFAULT_MAX_BODY >> 20} MiB); larger ones are refused with 413")
+    g.add_argument("--no-metrics", dest="metrics", action="store_false",
+                   help="do not serve GET /metrics (Prometheus; served by default, without the API key: it "
+                        "counts requests per route and status, and names no session, actor or model)")
     logs.add_args(g)
     g.add_argument("--nats", metavar="URL", default=None, help=GLOBALS["nats"][1])
     g.add_argument("--namespace", metavar="NS", default=None, help=GLOBALS["namespace"][1])
@@ -98,14 +108,17 @@ async def serve_gateway(a: argparse.Namespace) -> int:
     client = await connect_async(a.nats, a.namespace, name="nalar-gateway", role="client")
     try:
         gw = Gateway(client, api_key=a.api_key or os.environ.get(API_KEY_ENV), max_body=a.max_body, models=models)
-        config = uvicorn.Config(build_app(gw), host=a.host, port=a.port, log_level="warning", lifespan="off",
+        config = uvicorn.Config(build_app(gw, getattr(a, "metrics", True)), host=a.host, port=a.port, log_level="warning", lifespan="off",
                                 access_log=False)
         server = _server_class()(config)
         task = asyncio.ensure_future(server.serve())
         while not server.started and not task.done():
             await asyncio.sleep(0.02)
         if task.done():
-            await task
+            try:
+                await task
+            except SystemExit:  # uvicorn's way to say it could not bind: said in our line below
+                pass
             print(f"nalar: the gateway could not listen on {a.host}:{a.port}", file=sys.stderr)
             return 1
         auth = "an API key required" if gw.api_key else "no API key"

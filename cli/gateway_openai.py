@@ -42,6 +42,9 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     n = body.get("n", 1)
     if n not in (None, 1):
         raise HTTPError(400, f"n={n!r}: only one choice per request is supported")
+    so = body.get("stream_options")
+    if so is not None and not isinstance(so, dict):
+        raise HTTPError(400, f"'stream_options' must be an object, e.g. {{\"include_usage\": true}}, not {so!r:.80}")
     out = {ours: body[theirs] for theirs, ours in SAMPLING.items() if body.get(theirs) is not None}
     if isinstance(out.get("stop"), str):
         out["stop"] = [out["stop"]]
@@ -198,9 +201,13 @@ async def _pieces(call: _Call, calls: list[Any]) -> AsyncIterator[str | dict[str
     calls.append(fut)
     if call.streaming:
         try:
+            done = False
             async for item in fut:
                 if isinstance(item, (str, dict)):
+                    done = done or isinstance(item, dict)
                     yield item
+            if not done:  # a stream that ended without its completion (or yielded nothing at all)
+                yield {}
             return
         except UnknownMethod:
             fut = call.whole()

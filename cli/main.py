@@ -19,6 +19,7 @@ import orjson
 from ..bus.errors import BusError, NalarError, RemoteError
 from ..bus.server import DEFAULT_MAX_PAYLOAD
 from . import exits, logs
+from . import metrics as metrics_cli
 from .args import GLOBALS, Parser, add_globals, byte_size, finish, port, port_or_zero, settle
 from .connect import cli_client
 
@@ -32,6 +33,7 @@ BENCHMARKS = {
              "path; catch-up of 1 and 10 MiB sessions",
     "control": "the cost of a control round (metrics, policies, broadcast, apply) with up to 131,072 futures "
                "in flight",
+    "batch": "a batchable embedding-like tool against the same tool unbatched, in the same run",
     "analyst": "reference workload: financial analyst, stateful follow-up sessions, under open-loop Poisson "
                "load (nalar against a baseline with --compare)",
     "router": "reference workload: a classifier in front of two imbalanced branches, under open-loop load",
@@ -60,6 +62,31 @@ def _replicas_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=int, default=None, choices=[1, 2, 3, 4, 5],
                    help="JetStream replicas of the session-state stream and nalar's buckets (default: "
                         "$NALAR_REPLICAS, else 3 on a cluster of 3 or more servers, 1 on a single server)")
+
+
+def _resources_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resources", type=_resources, default=None, metavar="SPEC",
+                   help="what this node has for the actors' resources hints, e.g. gpu=4,cpu=8,memory=64GiB "
+                        "(default: $NALAR_RESOURCES; a name left out is read from the machine: CPUs, memory, "
+                        "GPUs that nvidia-smi lists; any other is 0)")
+
+
+def _resources(text: str) -> dict[str, float]:
+    from ..actors.resources import parse_resources
+
+    try:
+        return parse_resources(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _declared(a: argparse.Namespace) -> dict[str, float] | None:
+    """``--resources``, else ``$NALAR_RESOURCES`` (a malformed one is a usage error), else ``None``."""
+    if a.resources is not None:
+        return dict(a.resources)
+    from ..actors.node.resources import from_env
+
+    return from_env()
 
 
 def _apply_replicas(a: argparse.Namespace) -> None:
@@ -131,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start over, on purpose: a new data directory, every session's state dropped")
     _policy_args(up)
     _replicas_arg(up)
+    _resources_arg(up)
     up.add_argument("--insecure", action="store_true",
                     help="run NATS without credentials: anyone who can reach it can do anything (tests only)")
     up.add_argument("--gateway-port", type=port_or_zero, default=os.environ.get("NALAR_GATEWAY_PORT", "8000"),
@@ -139,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--gateway-host", default="127.0.0.1",
                     help="the address the gateway listens on (default: 127.0.0.1; it has no API key here: "
                          "run `nalar gateway --api-key` yourself to open it wider)")
+    metrics_cli.add_up_arg(up)
     logs.add_args(up)
 
     node = sub.add_parser("node", help="serve actor classes against a NATS server",
@@ -155,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--max-queue", type=int, default=None, metavar="N",
                       help="calls queued per actor before new ones fail with Overloaded (default: 100000)")
     _replicas_arg(node)
+    _resources_arg(node)
+    metrics_cli.add_args(node, "this node")
     _nats_args(node)
     logs.add_args(node)
 
@@ -164,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     _policy_args(pol)
     pol.add_argument("--name", default=None,
                      help="this policy actor's name, as `nalar status` shows it (default: HOST-PID)")
+    metrics_cli.add_args(pol, "the policy actor")
     _nats_args(pol)
     logs.add_args(pol)
 
@@ -192,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--timeout", type=float, default=2.0, metavar="S",
                     help="seconds to wait for the nodes' answers, connecting included (default: 2)")
     _nats_args(st)
+    from . import top as top_cli
+
+    top_cli.add_parser(sub)
 
     state = sub.add_parser("state", help="session state: show, log, migrate")
     ssub = state.add_subparsers(dest="state_cmd", metavar="SUBCOMMAND", title="subcommands")
@@ -271,6 +306,11 @@ def _print_status(nodes: list[dict[str, Any]], policy: dict[str, Any] | None = N
         mal = sum(n.get("malformed", {}).values())
         print(f"node {n['node']}  pid {n['pid']}  up {n['uptime_s']:.0f}s  in-flight {n['in_flight']}  "
               f"malformed {mal}{'  tracing' if n.get('tracing') else ''}")
+        res = n.get("resources")
+        if res:
+            from ..actors.resources import describe
+
+            print(f"  resources: {describe(res.get('total') or {}, res.get('used') or {})}")
         st = n.get("state")
         if st:
             reps = st.get("replicas", 1)
@@ -392,13 +432,15 @@ def _node(a: argparse.Namespace) -> int:
 
     def ready(node: Any, url: str) -> None:
         served = ", ".join(f"{g.name} x{len(g.instances)}" for g in node.groups.values())
-        print(f"nalar node {node.name} ready on {url} (namespace {node.rt.subjects.ns!r}): {served}", flush=True)
+        print(f"nalar node {node.name} ready on {url} (namespace {node.rt.subjects.ns!r}): {served}"
+              f"{metrics_cli.said(metrics)}", flush=True)
 
     if a.max_queue is not None and a.max_queue < 1:
         _err("--max-queue must be >= 1")
         return exits.USAGE
+    metrics = metrics_cli.endpoint(a)
     asyncio.run(serve_node(specs, a.nats, a.namespace, a.name, ready, grace=a.grace, state_dir=a.state_dir,
-                           max_queue=a.max_queue))
+                           max_queue=a.max_queue, metrics=metrics, resources=_declared(a)))
     return 0
 
 
@@ -427,7 +469,7 @@ def _dispatch(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return run_up(_specs(a.actors, not a.actors), a.namespace, a.data_dir, load_policies(a.policies),
                       a.interval, insecure=a.insecure, host=a.host, port=a.port, name=a.name,
                       max_payload=a.max_payload, fresh=a.fresh, gateway_port=a.gateway_port,
-                      gateway_host=a.gateway_host)
+                      gateway_host=a.gateway_host, metrics_port=a.metrics_port, resources=_declared(a))
     if a.cmd == "auth":
         from . import auth as auth_cli
 
@@ -450,7 +492,8 @@ def _dispatch(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if a.interval <= 0:
             _err("--interval must be > 0")
             return exits.USAGE
-        asyncio.run(serve_policy(a.nats, a.namespace, a.policies, a.interval, name=a.name))
+        asyncio.run(serve_policy(a.nats, a.namespace, a.policies, a.interval, name=a.name,
+                                 metrics=metrics_cli.endpoint(a)))
         return exits.OK
     if a.cmd == "node":
         return _node(a)
@@ -460,6 +503,10 @@ def _dispatch(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return asyncio.run(run_call(a))
     if a.cmd == "status":
         return asyncio.run(_status(a))
+    if a.cmd == "top":
+        from . import top as top_cli
+
+        return top_cli.run(a)
     if a.cmd == "state":
         return asyncio.run(_state(a))
     if a.cmd == "bench":

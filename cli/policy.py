@@ -8,10 +8,12 @@ from typing import Any
 from ..actors.client import open_runtime
 from ..bus.errors import BusError
 from ..policy import PolicyActor, load_policies
+from .metrics import Endpoint, said
 
 
 async def serve_policy(url: str | None, namespace: str | None, policies: str | None, interval: float,
-                       stop: asyncio.Event | None = None, out: Any = print, name: str | None = None) -> None:
+                       stop: asyncio.Event | None = None, out: Any = print, name: str | None = None,
+                       metrics: Endpoint | None = None) -> None:
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -31,11 +33,17 @@ async def serve_policy(url: str | None, namespace: str | None, policies: str | N
     actor = PolicyActor(rt, installed, interval, name=name)
     try:
         await actor.start()
+        if metrics is not None:
+            from ..policy.metrics import PolicyCollector
+
+            await metrics.start(PolicyCollector(actor))
         out(f"nalar policy actor ready (namespace {rt.subjects.ns!r}, every {interval:g} s, decisions v"
             f"{actor.table.version}, {actor.name}: {_role(actor)}): "
-            f"{', '.join(p.name for p in installed) or 'no policies'}", flush=True)
+            f"{', '.join(p.name for p in installed) or 'no policies'}{said(metrics)}", flush=True)
         await actor.run(stop)
     finally:
+        if metrics is not None:
+            await metrics.stop()
         await actor.stop()
         await rt.close()
     if lost:

@@ -12,6 +12,7 @@ from ..actors.node import Node
 from ..actors.runtime import set_default_runtime
 from ..bus import tracing
 from ..bus.errors import BusError
+from .metrics import Endpoint, node_collectors
 
 
 async def _bounded(aw: Any, seconds: float, what: str, quiet: bool = False) -> None:
@@ -31,11 +32,14 @@ async def serve_node(specs: list[tuple[type, int | None]], url: str | None, name
                      stop: asyncio.Event | None = None, grace: float = 10.0,
                      state_dir: str | None = None, policies: list[Any] | None = None,
                      interval: float = 1.0, max_queue: int | None = None,
-                     lost_ok: Callable[[], bool] | None = None) -> None:
+                     lost_ok: Callable[[], bool] | None = None, metrics: Endpoint | None = None,
+                     resources: dict[str, float] | None = None) -> None:
     """Serve until a signal (a second one exits at once) or until the connection is lost for good.
 
     With ``policies`` (a list, possibly empty), the policy actor runs here too, on the node's loop.
     A stop goes in order: the node drains (``grace``), then the policy actor, then the connections.
+    ``resources``: what the node declares it has (the rest is read from the machine).
+    With ``metrics``, the node's (and that policy actor's) Prometheus metrics are served from this loop.
 
     Raises ``BusError`` in the latter case so the process exits non-zero and a supervisor restarts it
     (unless ``lost_ok()`` says the caller knows why, as ``nalar up`` does when its own server died).
@@ -65,7 +69,8 @@ async def serve_node(specs: list[tuple[type, int | None]], url: str | None, name
     # decisions handler in at its own start, replaying what the runtime loaded
     rt = await open_runtime(url, namespace, name or "node", on_closed,
                             connection_name=f"nalar-node-{name or ''}".rstrip("-"), start=False, role="node")
-    node = Node(rt, specs, name=name, state_dir=state_dir, **({"max_queue": max_queue} if max_queue else {}))
+    node = Node(rt, specs, name=name, state_dir=state_dir, resources=resources,
+                **({"max_queue": max_queue} if max_queue else {}))
     rt.name = node.name
     await rt.start()
     set_default_runtime(rt)
@@ -83,6 +88,8 @@ async def serve_node(specs: list[tuple[type, int | None]], url: str | None, name
             control = PolicyActor(policy_rt, policies, interval)
             await control.start()
             loop_task = loop.create_task(control.run(stop))
+        if metrics is not None:
+            await metrics.start(*node_collectors(node, control))
         on_ready(node, rt.transport.connected_url)
         await stop.wait()
     finally:
@@ -94,6 +101,8 @@ async def serve_node(specs: list[tuple[type, int | None]], url: str | None, name
             await _bounded(control.stop(), 0.5 if gone else 5, "the policy actor's stop", gone)
         if policy_rt is not None:
             await _bounded(policy_rt.close(), 0.5 if gone else 5, "the policy actor's connection", gone)
+        if metrics is not None:
+            await metrics.stop()
         tracing.shutdown()
     if lost and not (lost_ok is not None and lost_ok()):
         raise BusError("the NATS connection was closed for good; the node stopped")

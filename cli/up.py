@@ -24,6 +24,7 @@ from ..bus import auth, discovery
 from ..bus.server import DEFAULT_MAX_PAYLOAD, EmbeddedNats
 from . import place as places
 from .serve import serve_node
+from .metrics import Endpoint
 from .up_gateway import GatewayChild
 
 #: Seconds running calls get to finish when ``nalar up`` stops, before they are answered ``Cancelled``.
@@ -44,7 +45,8 @@ def _join_url(host: str, port: int) -> str:
 
 
 def _banner(node: Node, url: str, namespace: str, where: places.Place, creds: auth.Credentials | None,
-            join: str, max_payload: int, gateway: GatewayChild | None = None) -> str:
+            join: str, max_payload: int, gateway: GatewayChild | None = None,
+            metrics: Endpoint | None = None) -> str:
     served = ", ".join(f"{g.name} x{len(g.instances)}" for g in node.groups.values())
     first = next(iter(node.groups.values()))
     example = ("nalar call Analyst.analyze '[\"the quick brown fox jumps over the lazy dog\"]'"
@@ -65,6 +67,11 @@ def _banner(node: Node, url: str, namespace: str, where: places.Place, creds: au
         "  policy     the policy actor runs here too (nalar status shows its decisions)",
         *([f"  gateway    {gateway.address}   (HTTP: POST /v1/actors/ACTOR/METHOD, and OpenAI's /v1/chat/completions, "
            "/v1/completions, /v1/models)"] if gateway is not None and gateway.listening else []),
+        *([f"  metrics    {metrics.url}   (Prometheus: the node's and the policy actor's"
+           + (f"; port {metrics.port} was taken" if metrics.server is not None and metrics.server.port != metrics.port
+              else "")
+           + (f"; the gateway's at {gateway.address}/metrics)" if gateway is not None and gateway.listening else ")")]
+          if metrics is not None and metrics.server is not None else []),
         "  try        " + example,
         "             nalar status",
         *(["             nalar call Notebook.add '[\"buy milk\"]' --session me && nalar state show me"]
@@ -77,7 +84,8 @@ def _banner(node: Node, url: str, namespace: str, where: places.Place, creds: au
 def run_up(specs: list[tuple[type, int | None]], namespace: str, data_dir: str | None, policies: list[Any] | None = None,
            interval: float = 1.0, out: Any = None, insecure: bool = False, host: str = "127.0.0.1",
            port: int | None = None, name: str | None = None, max_payload: int | None = None,
-           fresh: bool = False, gateway_port: int = 8000, gateway_host: str = "127.0.0.1") -> int:
+           fresh: bool = False, gateway_port: int = 8000, gateway_host: str = "127.0.0.1",
+           metrics_port: int = 0, resources: dict[str, float] | None = None) -> int:
     out = out or sys.stdout
     running = discovery.find_running()
     if running is not None:
@@ -103,6 +111,7 @@ def run_up(specs: list[tuple[type, int | None]], namespace: str, data_dir: str |
     discovery.write_running(url, namespace, insecure=insecure, auth=None if creds is None else str(creds.path),
                             server_pid=server.proc.pid if server.proc else None)
     died: list[int] = []
+    metrics = Endpoint(metrics_port, "127.0.0.1", pick_free=True) if metrics_port else None  # node and policy
     gateway = GatewayChild(url, namespace, gateway_host, gateway_port) if gateway_port else None
     if gateway is not None:
         gateway.launch(out)  # beside the node's start; its banner line waits for it
@@ -125,15 +134,20 @@ def run_up(specs: list[tuple[type, int | None]], namespace: str, data_dir: str |
 
         watcher = asyncio.get_running_loop().create_task(watch())
 
+        announced: list[asyncio.Future[None]] = []
+
         def ready(node: Node, connected: str) -> None:
-            if gateway is not None:
-                gateway.wait(out)
-            print(_banner(node, url, namespace, where, creds, join, limit, gateway), file=out, flush=True)
+            def announce() -> None:  # off the node's loop: the gateway's start asks the node for decisions
+                if gateway is not None:
+                    gateway.wait(out)
+                print(_banner(node, url, namespace, where, creds, join, limit, gateway, metrics), file=out,
+                      flush=True)
+            announced.append(asyncio.get_running_loop().run_in_executor(None, announce))
 
         try:
             await serve_node(specs, url, namespace, where.name, ready, stop=stop, grace=STOP_GRACE,
                              state_dir=str(where.state_dir), policies=policies if policies is not None else [],
-                             interval=interval, lost_ok=lambda: bool(died))
+                             interval=interval, lost_ok=lambda: bool(died), metrics=metrics, resources=resources)
         except Exception:
             if not died:
                 raise  # with the server gone, what failed on the way down is no news

@@ -10,6 +10,7 @@ Where things live (it imports ``actors`` and ``bus``, never the other way):
                    revision is the leader's term, which every batch carries
     api.py         the primitives: what a policy sees (``View``) and may do (``Actions``); ``Policy``
     builtin.py     the built-in policies by name (``BUILTIN``) and the default set (``DEFAULT``)
+    metrics.py     ``RoundTally`` (what rounds decided) and the actor's Prometheus collector
     __init__.py    ``load_policies``: built-in names and ``module:Class`` specs to instances
 """
 from __future__ import annotations

@@ -39,6 +39,7 @@ from ..bus import kv as bkv
 from ..bus.errors import BusError, MalformedMessage
 from .api import Actions, Policy, View
 from .lease import RENEW_EVERY, TRY_EVERY, Lease
+from .metrics import RoundTally
 from .spans import round_span
 
 log = logging.getLogger("nalar.policy")
@@ -69,6 +70,7 @@ class PolicyActor:
         self.rounds: list[dict[str, Any]] = []  # the last few rounds' timings
         self.errors: dict[str, str] = {}
         self.refused: list[str] = []
+        self.tally = RoundTally()  # for /metrics (policy/metrics.py)
         self._kv: Any = None
         self._snap_rev = 0  # the snapshot's revision this leader last read or wrote (compare-and-set)
         self.lease: Lease | None = None  # None: no JetStream, no election
@@ -289,6 +291,7 @@ class PolicyActor:
                  "broadcast_ms": round((t3 - t2) * 1000, 3), "round_ms": round((t3 - t0) * 1000, 3)}
         self.rounds = (self.rounds + [stats])[-50:]
         round_span(stats, ops, refused, start_ns, self.name)
+        self.tally.round(stats["round_ms"], ops, refused)
         return stats
 
     async def collect(self) -> dict[str, dict[str, Any]]:

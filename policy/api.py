@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..bus.errors import MalformedMessage
+from ..actors.resources import Amounts, add, check_amounts, free_of, no_room
 from ..actors.control import (Affinity, DecisionTable, Home, InstanceAt, InstanceRow, Migrate, Op,
                               Priority, Route, Scale, Sticky, WaitingRow, Weights)
 
@@ -70,6 +71,7 @@ class ActorView:
     recent: list[tuple[str, str]] = field(default_factory=list)  # (session, instance) newly served
     engine: dict[str, Any] = field(default_factory=dict)  # model engine stats, per instance
     nodes_queued: dict[str, int] = field(default_factory=dict)  # node -> calls queued there
+    resources: Amounts = field(default_factory=dict)  # what one instance takes (its resources hint)
 
     def live(self) -> list[InstanceView]:
         return [i for i in self.instances if not i.draining]
@@ -91,14 +93,18 @@ class View:
         self.instances: dict[str, InstanceView] = {}
         self.futures = 0
         self.malformed_rows = 0  # metrics rows skipped because they did not validate
+        #: node -> {"total": ..., "used": ...}, for the nodes that report their resources
+        self.resources: dict[str, dict[str, Amounts]] = {}
         for node in self.nodes:
             m = metrics[node]
+            self._resources(node, m.get("resources"))
             self.futures += int(m.get("in_flight", 0))
             for name, a in (m.get("actors") or {}).items():
                 av = self.actors.get(name)
                 if av is None:
                     av = self.actors[name] = ActorView(name, a.get("kind", "actor"), bool(a.get("stateful")),
                                                        int(a.get("min", 1)), a.get("max"))
+                    av.resources = self._amounts(a.get("resources") or {})
                 av.queued += int(a.get("queued", 0))
                 av.running += int(a.get("running", 0))
                 av.nodes_queued[node] = int(a.get("queued", 0))
@@ -129,6 +135,28 @@ class View:
         for av in self.actors.values():
             av.waiting.sort(key=lambda w: -w.wait_ms)
 
+    def _amounts(self, raw: Any) -> Amounts:
+        try:
+            return check_amounts(raw, "resources")
+        except ValueError:
+            self.malformed_rows += 1
+            return {}
+
+    def _resources(self, node: str, raw: Any) -> None:
+        """A node's ``{"total", "used"}``; one that sends none (or a malformed one) is not checked."""
+        if raw is None:
+            return
+        if not isinstance(raw, dict):
+            self.malformed_rows += 1
+            return
+        self.resources[node] = {"total": self._amounts(raw.get("total") or {}),
+                                "used": self._amounts(raw.get("used") or {})}
+
+    def free(self, node: str) -> Amounts | None:
+        """What ``node`` has free as it reported it (``None``: it reports no resources)."""
+        r = self.resources.get(node)
+        return None if r is None else free_of(r["total"], r["used"])
+
 
 class Actions:
     """The primitives. Each records an op; ``nalar.policy`` turns them into one batch per round."""
@@ -144,6 +172,14 @@ class Actions:
                 want = t.scale.get(node, {}).get(av.name)
                 self._counts[(node, av.name)] = want[0] if want is not None else len(av.on(node))
         self._drain: dict[tuple[str, str], list[str]] = {}
+        self._free: dict[str, Amounts] = {}  # node -> free now, given this round's decisions so far
+        for node in view.resources:
+            free = self._free[node] = view.free(node) or {}
+            for av in view.actors.values():  # provisions decided but not started yet will take theirs
+                a = (view.metrics[node].get("actors") or {}).get(av.name) or {}
+                pending = self._counts.get((node, av.name), 0) - len(av.on(node)) - int(a.get("provisioning", 0))
+                if pending > 0 and av.resources:
+                    add(free, av.resources, -float(pending))
 
     # -- routing --------------------------------------------------------------------------------
     def route(self, a: str, b: Any, c: Any = None) -> None:
@@ -219,13 +255,16 @@ class Actions:
 
     # -- resources ------------------------------------------------------------------------------
     def provision(self, actor: str, node: str) -> bool:
-        """One more instance of ``actor`` on ``node`` (which must host it), within ``max_instances``."""
+        """One more instance of ``actor`` on ``node`` (which must host it), within ``max_instances`` and
+        where its ``resources`` hint fits in what the node has free."""
         why = self._no_provision(actor, node)
         if why is not None:
             self.refused.append(f"provision({actor}, {node}): {why}")
             return False
         key = (node, actor)
         self._counts[key] += 1
+        if node in self._free:
+            add(self._free[node], self.view.actors[actor].resources, -1.0)
         self._emit_scale(key)
         return True
 
@@ -243,24 +282,40 @@ class Actions:
             return False
         self._counts[key] -= 1
         self._drain.setdefault(key, []).append(instance)
+        if iv.node in self._free:  # a draining instance's resources are free at once (the node does the same)
+            add(self._free[iv.node], self.view.actors[iv.actor].resources)
         self._emit_scale(key)
         return True
 
-    def can_provision(self, actor: str, node: str) -> bool:
-        """Would ``provision(actor, node)`` be allowed now (given this round's decisions so far)?"""
-        return self._no_provision(actor, node) is None
+    def can_provision(self, actor: str, node: str, freeing: str | None = None) -> bool:
+        """Would ``provision(actor, node)`` be allowed now (given this round's decisions so far)? With
+        ``freeing``, an instance on ``node``: would it be once ``kill(freeing)`` released its resources?"""
+        return self._no_provision(actor, node, freeing) is None
+
+    def room(self, node: str) -> Amounts | None:
+        """What ``node`` has free given this round's decisions so far (``None``: it reports no resources)."""
+        free = self._free.get(node)
+        return None if free is None else dict(free)
 
     def can_kill(self, instance: str) -> bool:
         """Would ``kill(instance)`` be allowed now (given this round's decisions so far)?"""
         return self._no_kill(self._known(instance)) is None
 
-    def _no_provision(self, actor: str, node: str) -> str | None:
+    def _no_provision(self, actor: str, node: str, freeing: str | None = None) -> str | None:
         av = self.view.actors.get(actor)
         if av is None or node not in self.view.nodes or actor not in (self.view.metrics[node].get("actors") or {}):
             return f"node does not host {actor}"
         if av.max_instances is not None and self._total(actor) >= av.max_instances:
             return f"already at max_instances={av.max_instances}"
-        return None
+        free = self._free.get(node)
+        if free is None or not av.resources:
+            return None
+        iv = None if freeing is None else self._known(freeing)
+        if iv is not None and iv.node == node and not iv.draining and freeing not in self._drain.get((node, iv.actor), ()):
+            free = dict(free)
+            add(free, self.view.actors[iv.actor].resources)
+        why = no_room(av.resources, free, self.view.resources[node]["total"])
+        return None if why is None else f"no room on {node}: {why}"
 
     def _no_kill(self, iv: InstanceView) -> str | None:
         av = self.view.actors[iv.actor]

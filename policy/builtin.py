@@ -65,7 +65,10 @@ class HeadOfLine(Policy):
 
 
 class Reassign(Policy):
-    """Resources go from cold actors to hot ones: on a node hosting both, drain one, start the other."""
+    """Resources go from cold actors to hot ones: on a node hosting both, drain one, start the other.
+
+    Only where the hot actor's instance fits once the cold one's resources are released (its
+    ``resources`` hint against what the node has free); a node where it does not is passed over."""
 
     name = "reassign"
 
@@ -80,14 +83,11 @@ class Reassign(Policy):
         cold = [a for a in ready if a.queued == 0 and a.running == 0]
         for h in hot:
             for c in cold:
-                node = next((i.node for i in c.live() if i.idle and h.name in
-                             (view.metrics[i.node].get("actors") or {})), None)
-                if node is None:
-                    continue
-                victim = next(i for i in c.on(node) if i.idle)
-                if act.can_kill(victim.id) and act.can_provision(h.name, node):  # both halves, or neither
+                victim = next((i for i in c.live() if i.idle and h.name in (view.metrics[i.node].get("actors") or {})
+                               and act.can_kill(i.id) and act.can_provision(h.name, i.node, freeing=i.id)), None)
+                if victim is not None:  # both halves, or neither
                     act.kill(victim.id)
-                    act.provision(h.name, node)
+                    act.provision(h.name, victim.node)
                     self._last[h.name] = self._last[c.name] = view.round
                     cold.remove(c)
                     break
@@ -253,7 +253,7 @@ class Proportional(Policy):
                 victims = sorted((i for i in c.live() if h.name in (view.metrics[i.node].get("actors") or {})),
                                  key=lambda i: i.running + i.queued)
                 for v in victims:
-                    if act.can_kill(v.id) and act.can_provision(h.name, v.node):
+                    if act.can_kill(v.id) and act.can_provision(h.name, v.node, freeing=v.id):
                         act.kill(v.id)
                         act.provision(h.name, v.node)
                         self._last[h.name] = self._last[c.name] = view.round

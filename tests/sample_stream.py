@@ -51,3 +51,21 @@ class StatefulStream(nalar.Agent):
 
     async def go(self) -> AsyncIterator[int]:
         yield 1
+
+
+@nalar.hints(preemptable=True, max_concurrency=1, max_instances=1)
+class SlowStream(nalar.Tool):
+    """A preemptable streaming method: once its items went out it is not preempted (a re-run would
+    send them again)."""
+
+    async def tick(self, n: int, every: float) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+            await asyncio.sleep(every)
+
+    async def quick(self) -> str:
+        return "quick"
+
+    async def nothing(self) -> AsyncIterator[int]:
+        return
+        yield 0

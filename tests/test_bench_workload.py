@@ -67,3 +67,13 @@ def test_bench_refuses_bad_arguments_clearly():
         p = subprocess.run([sys.executable, "-m", "nalar.cli.main", "bench", "swe", *args],
                            capture_output=True, text=True, timeout=60, env=node_env())
         assert p.returncode == 2 and msg in p.stderr, p.stderr
+
+
+@pytest.mark.timeout(180)
+def test_bench_batch_runs_the_batched_and_unbatched_tool_side_by_side():
+    p = subprocess.run([sys.executable, "-m", "nalar.cli.main", "bench", "batch", "--repeat", "1", "--seconds", "0.5",
+                        "--inflight", "64", "--json"], capture_output=True, text=True, timeout=170, env=node_env())
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    last = json.loads(p.stdout.strip().splitlines()[-1])
+    assert last["batched_rps"] > 0 and last["unbatched_rps"] > 0 and "ratio" in last, last
+    assert last["mean_batch"] > 1, last  # 64 calls in flight: the node formed batches, not singletons

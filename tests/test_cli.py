@@ -238,10 +238,11 @@ def test_up_options_reach_run_up(monkeypatch, capsys):
     monkeypatch.setattr(up, "run_up", fake_run_up)
     assert main(["up", "--host", "0.0.0.0", "--port", "4333", "--name", "n1", "--max-payload", "16MiB", "--fresh",
                  "--data-dir", "/tmp/d", "--policies", "proportional,sticky", "--insecure", "--gateway-port", "9001",
-                 "--gateway-host", "0.0.0.0"]) == 0
+                 "--gateway-host", "0.0.0.0", "--metrics-port", "9500"]) == 0
     assert got == {"namespace": "default", "data_dir": "/tmp/d", "interval": 1.0, "policies": ["proportional", "sticky"],
                    "insecure": True, "host": "0.0.0.0", "port": 4333, "name": "n1", "max_payload": 16 << 20,
-                   "fresh": True, "gateway_port": 9001, "gateway_host": "0.0.0.0"}
+                   "fresh": True, "gateway_port": 9001, "gateway_host": "0.0.0.0", "resources": None,
+                   "metrics_port": 9500}
     got.clear()
     monkeypatch.delenv("NALAR_GATEWAY_PORT", raising=False)
     assert main(["--namespace", "ns1", "up"]) == 0  # a global flag before the command
@@ -249,6 +250,9 @@ def test_up_options_reach_run_up(monkeypatch, capsys):
     assert got["max_payload"] == 8 << 20 and got["fresh"] is False and got["name"] is None
     assert got["gateway_port"] == 8000 and got["gateway_host"] == "127.0.0.1"
     assert main(["up", "--gateway-port", "0"]) == 0 and got["gateway_port"] == 0  # none
+    monkeypatch.delenv("NALAR_METRICS_PORT", raising=False)
+    assert main(["up"]) == 0 and got["metrics_port"] == 9464  # on by default (loopback)
+    assert main(["up", "--metrics-port", "0"]) == 0 and got["metrics_port"] == 0  # off
     for bad in (["--port", "0"], ["--port", "http"], ["--max-payload", "128MiB"], ["--max-payload", "lots"],
                 ["--gateway-port", "70000"]):
         try:

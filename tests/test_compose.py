@@ -14,6 +14,8 @@ import httpx
 import pytest
 import yaml
 
+from prometheus_client.parser import text_string_to_metric_families
+
 import nalar
 from conftest import NodeProc, free_port, node_env, wait_for
 from nalar.bus import auth
@@ -165,6 +167,7 @@ def test_compose_services_and_node_commands_serve_the_demo(tmp_path: Path, names
     port, http_port = free_port(), free_port()
     url = f"nats://127.0.0.1:{port}"
     procs: list[NodeProc] = []
+    metrics: dict[str, str] = {}  # service -> where its /metrics is served here
 
     def run(name: str, s: dict[str, Any], marker: str) -> NodeProc:
         command = list(s["command"])
@@ -182,6 +185,9 @@ def test_compose_services_and_node_commands_serve_the_demo(tmp_path: Path, names
         # the service's own environment (compose-interpolated) minus tracing: no Jaeger runs here
         extra = {k: _interpolate(v, dotenv) for k, v in _env(s).items() if not k.startswith("OTEL_")}
         extra["NALAR_HOME"] = str(tmp_path / f"home-{name}")
+        if "NALAR_METRICS_PORT" in extra:  # its /metrics on loopback, on a free port
+            extra["NALAR_METRICS_PORT"], extra["NALAR_METRICS_ADDR"] = str(free_port()), "127.0.0.1"
+            metrics[name] = f"127.0.0.1:{extra['NALAR_METRICS_PORT']}"
         env = node_env(extra)
         for k in [k for k in env if k.startswith("OTEL_") or k in ("NALAR_NATS_NKEY", "NALAR_NATS_URL")]:
             del env[k]
@@ -224,9 +230,34 @@ def test_compose_services_and_node_commands_serve_the_demo(tmp_path: Path, names
                           and (r := p["last_round"] or {}).get("nodes") == 2 and r.get("applied_by") == 2 and p,
                           what="a policy round over both nodes, applied by both")
         assert st["policies"] == ["balance", "head-of-line", "affinity"]
+        # the metrics profile's targets: every node and the policy serve /metrics, and so does the gateway
+        assert set(metrics) == {"node1", "node2", "policy"}, metrics
+        for name, target in {**metrics, "gateway": f"127.0.0.1:{http_port}"}.items():
+            text = httpx.get(f"http://{target}/metrics", timeout=10).raise_for_status().text
+            families = {f.name for f in text_string_to_metric_families(text)}
+            want = {"policy": "nalar_policy_rounds", "gateway": "nalar_gateway_http_requests"}.get(name, "nalar_calls")
+            assert want in families, (name, sorted(families))
     finally:
         codes = [p.stop() for p in reversed(procs)]
     assert codes == [0] * len(procs), "".join(o for p in procs for o in p.output)
+
+
+def test_the_metrics_profile_scrapes_every_nalar_service() -> None:
+    """Prometheus (profile metrics) scrapes exactly the services that serve /metrics, on their ports."""
+    services = _load()["services"]
+    prom = services["prometheus"]
+    assert prom["profiles"] == ["metrics"] and prom["image"].startswith("prom/prometheus")
+    assert all(str(p).startswith("127.0.0.1:") for p in prom["ports"])  # its UI has no login
+    mount = next(v for v in prom["volumes"] if v.endswith(":/etc/prometheus/prometheus.yml:ro"))
+    config = yaml.safe_load((REPO / mount.split(":")[0]).read_text())
+    scraped = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    serving = {f"{name}:{_env(s)['NALAR_METRICS_PORT']}" for name, s in services.items()
+               if "NALAR_METRICS_PORT" in _env(s)}
+    assert all(_env(services[t.split(":")[0]]).get("NALAR_METRICS_ADDR") == "0.0.0.0" for t in serving)
+    gw = services["gateway"]["command"]
+    serving.add(f"gateway:{gw[gw.index('--port') + 1]}")
+    assert scraped == serving, (scraped, serving)
+    assert set(prom["depends_on"]) == {t.split(":")[0] for t in serving}
 
 
 def test_the_cli_service_is_the_operator() -> None:

@@ -364,3 +364,8 @@ def test_the_command_refuses_bad_options_and_an_unreachable_server(tmp_path: Pat
     assert r.returncode == 2 and "port" in r.stderr, r.stderr
     r = gateway("--nats", "nats://127.0.0.1:1", "--port", str(free_port()))
     assert r.returncode == 3 and r.stderr.startswith("nalar: ") and "Traceback" not in r.stderr, r.stderr
+
+
+def test_stream_options_must_be_an_object(http: httpx.Client) -> None:
+    r = http.post("/v1/completions", json={"model": "SimLLM", "prompt": "p", "stream": True, "stream_options": True})
+    assert r.status_code == 400 and "stream_options" in r.json()["error"]["message"], r.text

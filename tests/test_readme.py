@@ -29,7 +29,7 @@ README = REPO / "README.md"
 EXPECTED_ANSWER = "3 documents, the first: what is nalar?: result 0"
 #: The files the README's python snippets are saved as, each run by a test below.
 RUN_HERE = {"myagents.py", "client.py", "local_mode.py", "notebook.py", "writer.py", "mypolicy.py",
-            "openai_client.py", "stream_writer.py"}
+            "openai_client.py", "stream_writer.py", "embedder.py"}
 #: What a README shell block may run; anything else is a new kind of snippet this file must learn.
 KNOWN_PROGRAMS = {"nalar", "python", "python3", "pip", ".", "docker-compose", "umask", "curl"}
 _FENCE = re.compile(r"(?:<!-- readme-(?:example|policy): (\S+) -->\s*)?^```(\w*)\n(.*?)^```", re.S | re.M)
@@ -120,7 +120,8 @@ def test_every_python_snippet_is_run() -> None:
     assert set(names) == RUN_HERE, f"snippets no test runs: {set(names) - RUN_HERE}; gone: {RUN_HERE - set(names)}"
     text = README.read_text()
     langs = {m.group(1) for m in re.finditer(r"^```(\w*)\n", text, re.M)} - {""}  # "" closes, or is a plain listing
-    assert langs <= {"python", "sh"}, f"a README block in {langs - {'python', 'sh'}}: teach tests/test_readme.py"
+    # promql: the Metrics section's query, which tests/test_metrics.py runs against a real Prometheus
+    assert langs <= {"python", "sh", "promql"}, f"a README block in {langs - {'python', 'sh', 'promql'}}: teach tests/test_readme.py"
 
 
 def test_shell_snippets_are_commands_nalar_has() -> None:
@@ -186,6 +187,15 @@ def test_the_agent_served_by_a_node_answers_the_cli_and_a_client(tmp_path, start
     r = subprocess.run([sys.executable, "client.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == EXPECTED_ANSWER, r.stdout + r.stderr
+
+
+def test_the_batchable_embedder_answers_each_caller(tmp_path, start_node, nats_url, namespace, monkeypatch) -> None:
+    _write(tmp_path, "embedder.py")
+    node_cmd, call_cmd = _sh_after("embedder.py")
+    assert node_cmd[:2] == ["nalar", "node"] and call_cmd[:2] == ["nalar", "call"], (node_cmd, call_cmd)
+    monkeypatch.chdir(tmp_path)
+    start_node(*node_cmd[2:])
+    assert json.loads(_run(call_cmd, _deployment_env(nats_url, namespace), tmp_path).stdout) == [8.0, 1.0]
 
 
 # -- Session state ---------------------------------------------------------------------------------------
@@ -268,8 +278,8 @@ def test_the_gateway_examples_run_against_a_gateway(tmp_path, start_node, nats_u
         r = subprocess.run([sys.executable, *words[1:]], cwd=tmp_path, env=_deployment_env(nats_url, namespace),
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stdout + r.stderr
-        *text, count = r.stdout.strip().splitlines()
-        assert text and "tokens)" in text[-1] and count.endswith(" items") and int(count.split()[0]) >= 2, r.stdout
+        *shown, count = r.stdout.strip().splitlines()
+        assert shown and "tokens)" in shown[-1] and count.endswith(" items") and int(count.split()[0]) >= 2, r.stdout
     finally:
         gw.stop()
 

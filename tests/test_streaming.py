@@ -136,3 +136,29 @@ def test_a_stateful_actor_cannot_stream(nats_url: str, namespace: str, tmp_path:
     with pytest.raises(RuntimeError, match="stateful, so its methods cannot stream"):
         p.wait_ready()
     assert p.proc.wait(30) != 0
+
+
+async def test_reading_a_plain_call_as_a_stream_is_a_clear_error_and_leaves_its_value(start_node: Any,
+                                                                                       client: nalar.Client) -> None:
+    start_node("sample_stream:Ticker")
+    t = client.stub("Ticker", timeout=60)
+    f = t.closed("nobody")
+    with pytest.raises(TypeError, match="not a streaming method"):
+        await _read(f)
+    assert await f == 0  # its value is untouched
+    done = t.closed("nobody")
+    assert await done == 0
+    with pytest.raises(TypeError, match="not a streaming method"):
+        await _read(done)
+
+
+async def test_a_stream_that_sent_items_is_not_preempted(start_node: Any, client: nalar.Client) -> None:
+    start_node("sample_stream:SlowStream")
+    s = client.stub("SlowStream", timeout=60, priority=0)
+    f = s.tick(6, 0.1)
+    assert await _read(f, 1) == [0]
+    quick = client.stub("SlowStream", timeout=60, priority=9).quick()
+    assert await _read(f) == [1, 2, 3, 4, 5] and await f == 6  # one run: no item twice, none from a re-run
+    assert await quick == "quick"
+    st = [n for n in client.status(5.0) if "SlowStream" in n.get("actors", {})][0]
+    assert st["counters"].get("preempted", 0) == 0, st["counters"]

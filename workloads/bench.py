@@ -47,6 +47,8 @@ def main(what: str, argv: list[str]) -> int:
         from .bench_control import main as run
     elif what == "state":
         from .bench_state import main as run
+    elif what == "batch":
+        from .bench_batch import main as run
     elif what in ("analyst", "router", "swe"):
         from .bench_workload import main as run_workload
 

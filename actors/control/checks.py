@@ -9,6 +9,8 @@ so a refused op changes nothing, not even the table:
   nodes: their wanted count where there is one, else the instances placed there);
 - a ``scale`` above ``max_instances``, or, where the actor has no maximum, above
   ``MAX_INSTANCES_PER_NODE`` (``$NALAR_MAX_INSTANCES``, default 256): an absurd count;
+- a ``scale`` that starts instances whose ``resources`` hint does not fit in what the node has free
+  (checked by the node, which knows its capacity: ``NO_ROOM``);
 - a batch whose version jumps more than ``MAX_VERSION_JUMP`` past the last one applied (once one has
   been): refused whole, since a forged huge version would make every real batch after it look stale.
 
@@ -30,6 +32,8 @@ DEFAULT_MAX_INSTANCES_PER_NODE = 256
 REASONS_KEPT = 20
 
 BELOW_MIN, ABOVE_MAX, ABSURD, VERSION_JUMP = "below_min", "above_max", "absurd_count", "version_jump"
+#: A ``scale`` that starts instances the node has no room for (``resources`` hint; ``actors/node/resources.py``).
+NO_ROOM = "no_room"
 
 
 def max_instances_per_node() -> int:

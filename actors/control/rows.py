@@ -98,6 +98,7 @@ class ActorMetrics(TypedDict, total=False):
     waiting: list[list[Any]]  # WaitingRow.to_wire(), first in line first
     recent: list[list[str]]  # [session, instance] newly served since the last round
     engine: dict[str, Any]  # model engine stats, per instance id
+    resources: dict[str, float]  # what one instance takes (its resources hint; zero amounts left out)
 
 
 class NodeMetrics(TypedDict, total=False):
@@ -110,3 +111,4 @@ class NodeMetrics(TypedDict, total=False):
     in_flight: int
     sched: list[int]  # [scheduling ns, calls scheduled]
     actors: dict[str, ActorMetrics]
+    resources: dict[str, dict[str, float]]  # {"total": {name: amount}, "used": {...}}; memory in bytes

@@ -183,7 +183,9 @@ class SimEngine(Engine):
         return [*self._waiting, *self._prefilling, *(e[2] for e in self._decoding)]
 
     def _drop(self, s: _Seq) -> None:
-        """A cancelled caller: free what the sequence holds, as vLLM's abort does."""
+        """A cancelled caller: free what the sequence holds, as vLLM's abort does. A sequence past its
+        prefill leaves its prompt in the prefix cache (vLLM's computed blocks stay, evictable), so a
+        preempted call that runs again finds it."""
         self._aborted += 1
         if s in self._waiting:
             self._waiting.remove(s)
@@ -200,6 +202,10 @@ class SimEngine(Engine):
                     break
             else:
                 return
+            self._kv_used -= s.reserved
+            self._streams.discard(s)
+            self._keep(s, prompt_only=True)
+            return
         self._kv_used -= s.reserved
         self._streams.discard(s)
 
@@ -220,15 +226,17 @@ class SimEngine(Engine):
                 hi = mid - 1
         return min(s.prompt_tokens - 1, int(lo / self.p.chars_per_token))
 
-    def _keep(self, s: _Seq) -> None:
-        """A finished sequence's prompt and answer stay cached for its session, evictable."""
+    def _keep(self, s: _Seq, prompt_only: bool = False) -> None:
+        """A finished sequence's prompt and answer stay cached for its session, evictable (an aborted
+        one's prompt alone)."""
         if s.session is None:
             return
         old = self._cache.pop(s.session, None)
         if old is not None:
             self._cache_tokens -= old[1]
-        tokens = s.prompt_tokens + s.out
-        self._cache[s.session] = (s.prompt + self._text(0, s.out), tokens)
+        out = 0 if prompt_only else s.out
+        tokens = s.prompt_tokens + out
+        self._cache[s.session] = (s.prompt + self._text(0, out), tokens)
         self._cache_tokens += tokens
         self._evict(0)
 

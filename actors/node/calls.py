@@ -11,6 +11,7 @@ operation, never a private method of another part.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from typing import Any, Callable, Protocol
 
@@ -22,7 +23,8 @@ from ...state.managed import Txn
 from ...state.record import Change
 from ..base import Actor, Budgeted, actor_name, public_methods, streaming_methods
 from ..context import CallScope
-from ..hints import Hints
+from ..hints import Hints, batched_methods
+from ..histogram import Histogram
 
 #: Sessions an actor remembers the last instance of (the policy's cache-affinity signal).
 RECENT_KEPT = 4096
@@ -30,13 +32,15 @@ RECENT_KEPT = 4096
 FRESH_REPORTED = 512
 #: Sessions whose failed calls are counted (for the re-entry count policies read), at most.
 FAILURES_KEPT = 10_000
+#: Distinct (error kind, type) pairs an actor counts (``/metrics`` labels); more are counted as "other".
+ERROR_TYPES_KEPT = 64
 
 
 class Call(CallMessage):
     """A call accepted by this node: the wire message plus where and how it runs."""
 
     __slots__ = ("group", "inst", "task", "scope", "span", "qspan", "otel_ctx", "done", "wk", "unit", "txn",
-                 "committing", "conflicts", "retry_replies", "entry", "pinned", "arrived", "cost")
+                 "committing", "conflicts", "retry_replies", "entry", "pinned", "arrived", "cost", "started")
 
     group: "ActorGroup"
 
@@ -58,6 +62,7 @@ class Call(CallMessage):
         self.pinned: Instance | None = None  # the instance whose own queue holds it
         self.arrived = 0.0  # monotonic: queue waits and latencies
         self.cost = -1  # its admission cost at a budgeted instance (-1: not counted yet)
+        self.started = 0.0  # monotonic: when an instance started it (its run time)
 
     @property
     def id(self) -> str:
@@ -104,6 +109,7 @@ class ActorGroup:
         self.hints = hints
         self.methods = public_methods(cls)  # name -> is ``async def``
         self.streams = streaming_methods(cls)  # the async generators among them
+        self.batched = batched_methods(hints, self.methods)  # the batchable ones (``batch.py``)
         self.has_async = any(self.methods.values())
         self.has_sync = not all(self.methods.values())
         self.instances: list[Instance] = []
@@ -116,6 +122,9 @@ class ActorGroup:
         self.provisioning = 0
         self.lat_ms = 0.0  # moving averages: run time, and queue wait
         self.wait_ms = 0.0
+        self.wait_hist = Histogram()  # queue wait and run time, for /metrics and status (``actors/histogram.py``)
+        self.run_hist = Histogram()
+        self.errors: dict[tuple[str, str], int] = {}  # (error kind, type) -> calls that failed with it
         self.kind = str(getattr(cls, "kind", "actor"))
         # An instance that prices its calls and says what it can hold at once (``Budgeted``): a model
         # whose engine keeps room for its sessions' prefix caches.
@@ -125,6 +134,31 @@ class ActorGroup:
 
     def live(self) -> list[Instance]:
         return [i for i in self.instances if not i.draining]
+
+    def waited(self, arrived: float) -> float:
+        """A call that arrived at ``arrived`` starts now (returned): its queue wait, averaged and counted."""
+        now = time.monotonic()
+        ms = (now - arrived) * 1000
+        self.wait_ms += (ms - self.wait_ms) * 0.05
+        self.wait_hist.observe(ms, now)
+        return now
+
+    def ran(self, arrived: float, started: float) -> None:
+        """A call's method returned: its time here averaged (``lat_ms``), its run time counted."""
+        now = time.monotonic()
+        self.lat_ms += ((now - arrived) * 1000 - self.lat_ms) * 0.05
+        self.run_hist.observe((now - started) * 1000, now)
+
+    def count_error(self, wire: Any) -> None:
+        """One failed (or refused) call, by its error's kind and type (``/metrics``)."""
+        if isinstance(wire, dict):
+            key = (str(wire.get("kind", "error")), str(wire.get("type", ""))[:64])
+        else:  # answered without an error body: cancelled before it ran
+            key = ("cancelled", "Cancelled")
+        errs = self.errors
+        if key not in errs and len(errs) >= ERROR_TYPES_KEPT:  # user exception names: bounded cardinality
+            key = (key[0], "other")
+        errs[key] = errs.get(key, 0) + 1
 
     def served(self, session: str, inst: Instance) -> None:
         """Note which instance served a model's session (the affinity policy reads it)."""
@@ -168,6 +202,8 @@ class Queue(Protocol):
     def enqueue(self, c: Call, bound: Bound | None = None) -> None: ...
 
     def unqueue(self, c: Call) -> None: ...
+
+    def requeue(self, c: Call) -> None: ...
 
     def pump(self, inst: Instance) -> None: ...
 

@@ -2,8 +2,9 @@
 
 Every node applies each decision batch itself, event-driven, with no round trip: new priorities
 reorder its queues; a ``migrate`` hands the session's queued calls to the destination's node (which
-catches the session's state up from its log first); ``scale`` starts or drains instances within the hints' bounds;
-weights and session routes are read when each call is bound. A call that arrives at a node the
+catches the session's state up from its log first); ``scale`` starts or drains instances within the
+hints' bounds and the node's room (``resources.py``); weights and session routes are read when each
+call is bound. A call that arrives at a node the
 decisions in force do not send it to (a caller with older decisions) is forwarded, once, with its
 original bytes.
 
@@ -23,10 +24,12 @@ from ...state import keys as state_keys
 from ...bus.errors import MalformedMessage
 from ..control import Migrate, Op, Priority, Refusals, Scale, Weights
 from ..control import checks
+from ..resources import add, no_room
 from ..runtime import Runtime
 from .calls import ActorGroup, Book, Bound, Call, Instance, StateGate
 from .execute import Executor
 from .queues import Scheduler
+from .resources import Capacity, ask_of
 
 log = logging.getLogger("nalar.control")
 
@@ -50,6 +53,7 @@ class Enforcer:
         self.homes = os.environ.get("NALAR_SESSION_HOMES", "on").strip().lower() not in ("off", "0", "false", "no")
         self.errors: dict[str, str] = {}
         self.refusals = Refusals()
+        self.capacity = Capacity({})  # the node's (``Node`` sets it): what instances may hold here
         rt.screen = self.screen
 
     # -- where a call belongs ---------------------------------------------------------------------
@@ -135,6 +139,7 @@ class Enforcer:
         if not isinstance(raw, list):
             return msg  # the table refuses it as malformed
         out: list[Any] | None = None
+        room = self.capacity.free()  # what is free once the batch's earlier scales here apply
         for k, r in enumerate(raw):
             if not (isinstance(r, list) and len(r) == 5 and r[0] == "scale" and r[1] == self.book.name):
                 continue
@@ -142,7 +147,7 @@ class Enforcer:
                 op = Scale.from_wire(r)
             except MalformedMessage:
                 continue  # the table refuses the whole batch
-            bad = self._scale_refusal(op, msg, raw)
+            bad = self._scale_refusal(op, msg, raw) or self._room_refusal(op, room)
             if bad is not None:
                 self.refusals.add(bad[0], f"scale {op.actor}", bad[1])
                 if out is None:
@@ -162,6 +167,22 @@ class Enforcer:
             op.actor, op.node, op.count, len(g.live()) + g.provisioning, g.hints.min_instances,
             g.hints.max_instances, lambda: checks.placed_elsewhere(
                 op.actor, self.book.name, raw, msg.get("full") is True, t.scale, t.instances, self.rt.alive))
+
+    def _room_refusal(self, op: Scale, room: dict[str, float]) -> tuple[str, str] | None:
+        """A scale that would start instances this node has no room for; else what it leaves in ``room``."""
+        g = self.book.groups.get(op.actor)
+        ask = {} if g is None else ask_of(g.name, g.hints)
+        if op.count is None or g is None or not ask:
+            return None
+        more = op.count - (len(g.live()) + g.provisioning)
+        if more <= 0:  # the instances it drains free what they hold
+            add(room, ask, float(min(-more, len(g.live()))))
+            return None
+        why = no_room(ask, room, self.capacity.total, more)
+        if why is not None:
+            return checks.NO_ROOM, f"scale {op.actor} on {op.node} to {op.count}: no room: {why}"
+        add(room, ask, -float(more))
+        return None
 
     # -- applying decisions ----------------------------------------------------------------------
     def on_decisions(self, ops: list[Op], reply: str) -> None:
@@ -191,12 +212,16 @@ class Enforcer:
             except Exception as e:  # one bad migration must not stop the batch
                 log.exception("migration %s failed", m.id)
                 self.errors[f"migrate {m.id}"] = repr(e)
-        for actor in scale:
+        for actor in sorted(scale, key=self._grows):  # shrinks first: growths were checked against their room
             self.reconcile(actor)
         if ops:
             self.counts["batches"] += 1
         if reply:
             self.rt.send(reply, env.dumps({"node": self.book.name, "v": self.table.version}))
+
+    def _grows(self, actor: str) -> bool:
+        want, g = self.table.scale.get(self.book.name, {}).get(actor), self.book.groups.get(actor)
+        return want is None or g is None or want[0] > len(g.live()) + g.provisioning
 
     def on_snapshot_request(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
         """A client asks for the decisions in force (it has no JetStream reads): this node's table, in full,
@@ -282,24 +307,33 @@ class Enforcer:
         live = g.live()
         have = len(live) + g.provisioning
         if count > have:
+            ask = ask_of(g.name, g.hints)
             for _ in range(count - have):
+                why = self.capacity.lack(ask)
+                if why is not None:  # (``screen`` keeps such counts out of the table: room taken since)
+                    self.refusals.add(checks.NO_ROOM, f"scale {actor}",
+                                      f"provision {actor} on {self.book.name}: no room: {why}")
+                    break
                 g.provisioning += 1
-                asyncio.get_running_loop().create_task(self.provision(g))
+                asyncio.get_running_loop().create_task(self.provision(g, self.capacity.reserve(ask)))
         elif count < len(live):
             order = sorted(live, key=lambda i: (i.id not in drain, i.running + i.queued, -live.index(i)))
             for inst in order[:len(live) - count]:
                 self.kill(inst)
 
-    async def provision(self, g: ActorGroup) -> None:
+    async def provision(self, g: ActorGroup, held: str = "") -> None:
+        """Start one instance of ``g`` on the room ``held`` reserved for it (released if it fails)."""
         try:
             inst = self.hosting.new(g)
             await self.hosting.start(inst)
         except Exception as e:
             log.exception("provisioning an instance of %s failed", g.name)
             self.errors[f"provision {g.name}"] = repr(e)
+            self.capacity.release(held)
             return
         finally:
             g.provisioning -= 1
+        self.capacity.rename(held, inst.id)
         w = self.table.weights.get(g.name)
         if w is not None:
             inst.weight = w.get(inst.id, 0.0)
@@ -313,6 +347,7 @@ class Enforcer:
         """Stop giving ``inst`` calls; its queued calls go to the others; it stops when idle."""
         g = inst.group
         inst.draining = True
+        self.capacity.release(inst.id)  # free for what the policy places next; its running calls finish
         self.scheduler.requeue_shared(inst)
         if inst.running == 0:
             self.hosting.retire(inst)

@@ -22,8 +22,12 @@ from ...state.managed import current_txn
 from ..context import CallScope, current_scope
 from ..deadlines import DeadlineWheel
 from ..future import DONE, Future
+from ..preempt import PREEMPTED, Preempted
 from ..runtime import Runtime
 from . import faillog, spans
+from .batch import Batch, Batcher
+from .batch_run import BatchRuns
+from .preempting import MAX_PREEMPTIONS, Preemption
 from .calls import Book, Call, Instance, Queue, StateGate
 from .hosting import Hosting
 
@@ -31,7 +35,7 @@ from .hosting import Hosting
 MAX_CONFLICT_RETRIES = 64
 
 
-class Executor:
+class Executor(BatchRuns, Preemption):
     """Runs bound calls and answers them (the ``Answer`` port); owns the node's deadline wheel."""
 
     def __init__(self, book: Book, rt: Runtime) -> None:
@@ -41,16 +45,45 @@ class Executor:
         self.queue: Queue | None = None  # wired by the node (the scheduler hands calls to ``dispatch``)
         self.state: StateGate | None = None  # session state, on a node hosting stateful actors
         self.wheel = DeadlineWheel(self.expire)
+        self.batcher = Batcher(self.run_batch)
+        self._running: dict[str, set[Call]] = {}  # preemptable actors' running calls, by actor
+        self._preempting: set[str] = set()  # ids of the calls told to give their instance up
+        self._streaming: set[str] = set()  # ids of streaming calls that sent an item (never preempted)
 
     # -- starting ---------------------------------------------------------------------------------
     def dispatch(self, inst: Instance, c: Call) -> None:
-        """Start ``c`` on ``inst`` (the scheduler's ``start``)."""
-        c.inst = inst
+        """Start ``c`` on ``inst`` (the scheduler's ``start``); a batchable call joins a batch instead."""
+        g = inst.group
+        if c.method in g.batched:
+            self._bind(inst, c)
+            if self.batcher.add(inst, c):
+                inst.running += 1  # the batch's slot: the calls that join it ride along
+            return
         inst.running += 1
         if c.cost > 0:
             inst.spent += c.cost
         if c.unit and self.state is not None:
             c.txn = self.state.begin(c)
+        self._bind(inst, c)
+        if g.hints.preemptable:
+            self._running.setdefault(g.name, set()).add(c)
+        if g.methods[c.method]:
+            run = self.run_stream if c.method in g.streams else self.run_async
+            c.task = task = asyncio.get_running_loop().create_task(run(inst, c))
+            task.add_done_callback(partial(self._unstarted, inst, c))
+            return
+        inst.sync_running += 1
+        self.hosting.tell(inst, c)
+
+    def _unstarted(self, inst: Instance, c: Call, task: "asyncio.Task[None]") -> None:
+        """A task cancelled before its first step never ran its method, so never said it was done: say
+        it now (its slot back; a preempted call back in its queue, an aborted one already answered)."""
+        if task.cancelled():
+            self.complete(inst, c, False, None)
+
+    def _bind(self, inst: Instance, c: Call) -> None:
+        """``c`` is on ``inst`` now: out of the queue's books, with its scope and its wait counted."""
+        c.inst = inst
         if c.qspan is not None:
             spans.dequeued(c)
         g = inst.group
@@ -60,15 +93,9 @@ class Executor:
             c.scope = CallScope(m.id, m.request, m.session, m.priority, m.deadline, m.stage, m.born, g.name,
                                 bool(c.unit), c.otel_ctx)
         if c.arrived:
-            g.wait_ms += ((time.monotonic() - c.arrived) * 1000 - g.wait_ms) * 0.05
+            c.started = g.waited(c.arrived)
         if m.session is not None and g.kind == "model":
             g.served(m.session, inst)
-        if g.methods[c.method]:
-            run = self.run_stream if c.method in g.streams else self.run_async
-            c.task = asyncio.get_running_loop().create_task(run(inst, c))
-            return
-        inst.sync_running += 1
-        self.hosting.tell(inst, c)
 
     async def run_async(self, inst: Instance, c: Call) -> None:
         current_scope.set(c.scope)
@@ -110,6 +137,8 @@ class Executor:
         """One item of a stream (non-JSON or over the payload limit: the call fails with that error)."""
         data = env.encode_result(item)
         headers = {env.H_ID: c.id, env.H_CHUNK: str(n)}
+        if n == 0:
+            self._streaming.add(c.id)
         env.check_size(data, headers, self.rt.transport.max_payload, f"item {n} of {c.group.name}.{c.method}")
         if c.reply:
             self.rt.send(c.reply, data, headers)
@@ -118,6 +147,9 @@ class Executor:
 
     def run_sync(self, inst: Instance, c: Call) -> None:
         """Runs on the instance's own thread."""
+        if isinstance(c, Batch):
+            self._run_batch_sync(c)
+            return
         if c.done:  # cancelled or expired while it sat in the mailbox
             self.rt.post(self.complete, inst, c, False, None)
             return
@@ -126,6 +158,8 @@ class Executor:
         try:
             value = getattr(inst.obj, c.method)(*c.args, **c.kwargs)
             ok = True
+        except Preempted:  # asked or not (a stale request of the actor's own): it gives its instance up
+            value, ok = PREEMPTED, False
         except BaseException as e:  # never let pykka see SystemExit & co: it would stop every actor
             value, ok = errors.to_wire(e, inst.group.name, c.method, c.id), False
         finally:
@@ -144,8 +178,20 @@ class Executor:
             inst.sync_running -= 1
         inst.handled += 1
         if c.arrived:
-            g.lat_ms += ((time.monotonic() - c.arrived) * 1000 - g.lat_ms) * 0.05
-        if not c.done:
+            g.ran(c.arrived, c.started)
+        running = self._running.get(g.name)
+        if running is not None:
+            running.discard(c)
+        preempted = not ok and not c.done and (c.id in self._preempting or value is PREEMPTED)
+        self._preempting.discard(c.id)
+        self._streaming.discard(c.id)
+        if preempted and c.scope is not None and c.scope.preemptions >= MAX_PREEMPTIONS:
+            preempted, value = False, RemoteError(
+                "Preempted", f"preempted {MAX_PREEMPTIONS} times, and raised Preempted again; no more re-runs",
+                g.name, c.method, future_id=c.id).to_wire()
+        if preempted:
+            self._requeue(c)  # (before the pump below: the slot goes to the call it was preempted for)
+        elif not c.done:
             if ok and isinstance(value, Future):
                 value.add_done_callback(partial(self._chained, c))
             else:
@@ -261,8 +307,11 @@ class Executor:
             g.failed += 1
             if c.meta.session is not None:
                 book.note_failure(c.meta.session)
+            g.count_error(value)
             faillog.failed(g.name, c.method, c.meta, value if isinstance(value, dict) else None, book.name)
         headers = {env.H_ID: c.id}
+        if ok and c.method in g.streams:
+            headers[env.H_STREAM] = "end"  # the value is the count: the caller checks it got them all
         if c.reply:
             self.rt.send(c.reply, data, headers)
         for r in c.retry_replies or ():
@@ -278,6 +327,7 @@ class Executor:
         """Refuse a call that was never accepted (nothing to forget)."""
         self.book.counters["rejected"] += 1
         wire = err(message, actor=c.group.name, method=c.method, future_id=c.id).to_wire()  # type: ignore[call-arg]
+        c.group.count_error(wire)
         faillog.failed(c.group.name, c.method, c.meta, wire, self.book.name)
         if c.reply:
             self.rt.send(c.reply, env.encode_error(wire), {env.H_ID: c.id})

@@ -30,6 +30,7 @@ from .execute import Executor
 from .intake import DEFAULT_MAX_QUEUE, Intake
 from .queues import Scheduler
 from .report import Reporter
+from .resources import Capacity, NoRoom, ask_of
 from .sessions import Sessions
 
 log = logging.getLogger("nalar.node")
@@ -49,7 +50,7 @@ class Node:
 
     def __init__(self, runtime: Runtime, actors: list[tuple[type, int | None]], name: str | None = None,
                  max_queue: int = DEFAULT_MAX_QUEUE, state_dir: str | None = None,
-                 replicas: int | None = None) -> None:
+                 replicas: int | None = None, resources: dict[str, float] | None = None) -> None:
         self.rt = runtime
         self.name = check_token(name or default_node_name(), "node name")
         runtime.table.here = self.name  # sticky round-robin binds among this node's own instances
@@ -57,9 +58,11 @@ class Node:
         self.replicas = replicas  # the state stream's replica count (None: NALAR_REPLICAS, else what fits)
         self.book = book = Book(self.name, secrets.token_hex(6))
         self.executor = Executor(book, runtime)
-        self.scheduler = Scheduler(book, runtime.table, self.executor.dispatch)
+        self.scheduler = Scheduler(book, runtime.table, self.executor.dispatch, self.executor.batcher.joins,
+                                   self.executor.preempt_for)
         self.executor.queue = self.scheduler
         self.enforcer = Enforcer(book, runtime, self.scheduler, self.executor, self._serve, self._unserve)
+        self.capacity = self.enforcer.capacity = Capacity.for_node(resources)  # declared, else the machine's
         self.intake = Intake(book, runtime, self.scheduler, self.executor, self.enforcer, max_queue)
         self.reporter = Reporter(book, runtime, self.scheduler, self.executor, self.enforcer, self.subscriptions)
         self.sessions: Sessions | None = None
@@ -93,14 +96,23 @@ class Node:
             raise ValueError(f"actor {g.name!r} is listed twice")
         if not g.methods:
             raise ValueError(f"{cls.__name__} has no public methods to serve")
+        if g.streams & g.batched:
+            raise ValueError(f"{cls.__name__}: a streaming method cannot be batchable: {sorted(g.streams & g.batched)}")
         if g.streams and h.stateful:
             # its items would reach the caller before its state commits, and a re-run after a lost
             # commit race would send them again
             raise ValueError(f"{cls.__name__} is stateful, so its methods cannot stream (yield): "
                              f"{sorted(g.streams)}; return the whole value instead")
         hosting = self.executor.hosting
-        for _ in range(n):
-            hosting.add(hosting.new(g))
+        ask = ask_of(g.name, h)
+        for k in range(n):
+            why = self.capacity.lack(ask)
+            if why is not None:
+                raise NoRoom(f"{g.name}: instance {k + 1} of {n} does not fit on node {self.name}: {why}; "
+                             "start fewer instances, or declare more (--resources)")
+            inst = hosting.new(g)
+            self.capacity.take(inst.id, ask)
+            hosting.add(inst)
         self.book.groups[g.name] = g
 
     # -- lifecycle --------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from heapq import heapify, heappop, heappush
-from typing import Any, cast
+from typing import Any, Callable, cast
 
 from ..base import Budgeted
 from ..control import DecisionTable
@@ -23,10 +23,16 @@ log = logging.getLogger("nalar.node")
 class Scheduler:
     """Queues calls by priority and binds each to an instance with room (``start``) when one has it."""
 
-    def __init__(self, book: Book, table: DecisionTable, start: Start) -> None:
+    def __init__(self, book: Book, table: DecisionTable, start: Start,
+                 joins: Callable[[Instance, Call], bool] | None = None,
+                 preempt: Callable[[Call], bool] | None = None) -> None:
         self.book = book
         self.table = table
         self.start = start
+        #: Preempt a running call for one that must wait (``preemptable`` actors): the executor's.
+        self.preempt = preempt
+        #: Whether a call would join a batch forming at an instance (which then needs no slot of its own).
+        self.joins = joins
         self._seq = 0
 
     # -- in ---------------------------------------------------------------------------------------
@@ -52,12 +58,28 @@ class Scheduler:
                 self.start(inst, c)
             else:
                 self.push(c, inst)
+                if g.hints.preemptable and self.preempt is not None:
+                    self.preempt(c)
             return
         free = self.pick(g, c, is_async) if not g.shared else None
         if free is None:
             self.push(c, None)
+            if g.hints.preemptable and self.preempt is not None:
+                self.preempt(c)  # a call below it gives its slot up; the pump then brings this one
         else:
             self.start(free, c)
+
+    def requeue(self, c: Call) -> None:
+        """A preempted call back in its queue (its route's instance's, or its actor's), not bound now:
+        the slot it left goes to the call it was preempted for."""
+        g = c.group
+        inst: Instance | None = None
+        if self.table.active and c.meta.session is not None:
+            iid = self.table.instance_for(g.name, c.meta.session)[0]
+            inst = self.book.instances.get(iid) if iid is not None else None
+            if inst is not None and (inst.draining or inst.group is not g):
+                inst = None
+        self.push(c, inst)
 
     def push(self, c: Call, inst: Instance | None, key: tuple[int, int] | None = None) -> None:
         """Queue ``c`` by its priority, then ``key`` (a call queued again keeps its own).
@@ -138,7 +160,7 @@ class Scheduler:
         ``sticky`` (the baseline) there is no budget: calls are bound on arrival and the engine's own
         first-come queue takes them, as frameworks without a scheduler do."""
         if not inst.has_room(is_async):
-            return False
+            return self.joins is not None and c.method in inst.group.batched and self.joins(inst, c)
         g = inst.group
         if not g.budgeted or g.name in self.table.sticky:
             return True

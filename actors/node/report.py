@@ -26,6 +26,7 @@ from .calls import ActorGroup, Book
 from .enforce import Enforcer
 from .execute import Executor
 from .queues import Scheduler
+from .resources import ask_of
 from .sessions import Sessions
 
 log = logging.getLogger("nalar.node")
@@ -33,6 +34,8 @@ log = logging.getLogger("nalar.node")
 #: Queued sessions each actor reports per metrics round (those first in line), for head-of-line
 #: migration and the priority policies.
 WAITING_REPORTED = 32
+#: Sessions first in line each actor shows in ``status`` (``nalar top``).
+WAITING_SHOWN = 5
 _LATER = object()  # a control op that answers later, from a task
 
 
@@ -76,7 +79,7 @@ class Reporter:
                 "min": g.hints.min_instances, "max": g.hints.max_instances,
                 "queued": g.queued, "running": sum(i.running for i in g.instances),
                 "done": g.done, "failed": g.failed, "lat_ms": round(g.lat_ms, 2), "wait_ms": round(g.wait_ms, 2),
-                "provisioning": g.provisioning,
+                "provisioning": g.provisioning, "resources": ask_of(g.name, g.hints),
                 "instances": [InstanceRow(i.id, i.running, i.queued, i.limit, i.draining).to_wire()
                               for i in g.instances],
                 "waiting": waiting,
@@ -89,7 +92,8 @@ class Reporter:
                 a["engine"] = stats
             actors[g.name] = a
         return {"node": book.name, "boot": book.boot, "v": self.rt.table.version, "t": time.time(),
-                "in_flight": len(book.active), "sched": [book.sched_ns, book.sched_calls], "actors": actors}
+                "in_flight": len(book.active), "sched": [book.sched_ns, book.sched_calls], "actors": actors,
+                "resources": self.enforcer.capacity.to_wire()}
 
     # -- status -----------------------------------------------------------------------------------
     def on_status(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
@@ -108,6 +112,7 @@ class Reporter:
                 "running": sum(i.running for i in g.instances),
                 "done": g.done,
                 "failed": g.failed,
+                **self._latency(g),
                 "instances": [{"id": i.id, "running": i.running, "queued": i.queued, "limit": i.limit,
                                "handled": i.handled, "weight": i.weight, "draining": i.draining,
                                **({"admitted_cost": i.spent} if g.budgeted else {})}
@@ -125,7 +130,23 @@ class Reporter:
             "subjects": self.subscriptions(), "tracing": tracing.TRACER is not None,
             "state": self._state_status(),
             "decisions": self.rt.table.summary(), "control": self.enforcer.status(),
+            "resources": self.enforcer.capacity.status(),
+            **({"batching": self.executor.batcher.status()} if any(g.batched for g in book.groups.values()) else {}),
         }
+
+    def _latency(self, g: ActorGroup) -> dict[str, Any]:
+        """Run time and queue wait over the last seconds, and the sessions first in line (``nalar top``)."""
+        now = time.monotonic()
+        waiting: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for e in self.scheduler.first(g, WAITING_REPORTED):
+            c = e[2]
+            s = c.meta.session
+            if s is not None and s not in seen and len(waiting) < WAITING_SHOWN:
+                seen.add(s)
+                waiting.append({"session": s, "wait_ms": round((now - c.arrived) * 1000, 1)})
+        return {"latency_ms": g.run_hist.recent(now).to_dict(), "wait_ms": g.wait_hist.recent(now).to_dict(),
+                "waiting": waiting}
 
     def _state_status(self) -> dict[str, Any] | None:
         return None if self.sessions is None else self.sessions.status()
