@@ -121,7 +121,8 @@ async def test_a_forged_item_that_leaves_a_gap_fails_the_call_and_cancels_it(sta
 async def test_a_node_killed_mid_stream_fails_the_call_and_sends_nothing_twice(start_node: Any,
                                                                               client: nalar.Client) -> None:
     node = start_node("sample_stream:Ticker", name="doomed")
-    t = client.stub("Ticker", timeout=120)
+    # a short attempt timeout: the dead node is found out in about 3 s instead of 10 (the default)
+    t = client.stub("Ticker", timeout=120, retry=nalar.RetryPolicy(attempt_timeout=3.0))
     f = t.hold("g-" + uuid.uuid4().hex, 10)
     assert await _read(f, 5) == [0, 1, 2, 3, 4]
     start_node("sample_stream:Ticker", name="other")  # a retry would find it: none is made once items came

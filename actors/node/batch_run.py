@@ -10,7 +10,7 @@ from typing import Any
 from ...bus import errors
 from ..runtime import Runtime
 from .batch import Batch
-from .calls import Call, Queue
+from .calls import Call, Instance, Queue
 from .hosting import Hosting
 
 
@@ -22,6 +22,9 @@ class BatchRuns:
     queue: Queue | None
 
     def _finish(self, c: Call, ok: bool, value: Any) -> None:
+        raise NotImplementedError
+
+    def freed(self, inst: Instance) -> None:
         raise NotImplementedError
 
     def run_batch(self, b: Batch) -> None:
@@ -84,9 +87,4 @@ class BatchRuns:
                 self._finish(c, False, errors.to_wire(item, g.name, c.method, c.id))
             else:  # cancelled (the node is stopping)
                 self._finish(c, False, None)
-        if inst.draining:
-            if inst.running == 0:
-                self.hosting.retire(inst)
-        elif inst.queued or g.shared:
-            assert self.queue is not None
-            self.queue.pump(inst)
+        self.freed(inst)

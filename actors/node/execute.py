@@ -196,10 +196,14 @@ class Executor(BatchRuns, Preemption):
                 value.add_done_callback(partial(self._chained, c))
             else:
                 self._finish(c, ok, value)
+        self.freed(inst)
+
+    def freed(self, inst: Instance) -> None:
+        """A slot of ``inst`` is free: a drained instance retires once idle, another takes its next call."""
         if inst.draining:
             if inst.running == 0:
                 self.hosting.retire(inst)
-        elif inst.queued or g.shared:
+        elif inst.queued or inst.group.shared:
             assert self.queue is not None
             self.queue.pump(inst)
 
