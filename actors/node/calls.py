@@ -40,7 +40,8 @@ class Call(CallMessage):
     """A call accepted by this node: the wire message plus where and how it runs."""
 
     __slots__ = ("group", "inst", "task", "scope", "span", "qspan", "otel_ctx", "done", "wk", "unit", "txn",
-                 "committing", "conflicts", "retry_replies", "entry", "pinned", "arrived", "cost", "started")
+                 "committing", "conflicts", "retry_replies", "entry", "pinned", "arrived", "cost", "started",
+                 "begun")
 
     group: "ActorGroup"
 
@@ -63,6 +64,7 @@ class Call(CallMessage):
         self.arrived = 0.0  # monotonic: queue waits and latencies
         self.cost = -1  # its admission cost at a budgeted instance (-1: not counted yet)
         self.started = 0.0  # monotonic: when an instance started it (its run time)
+        self.begun = False  # its ``async def`` task took its first step (a task cancelled before never does)
 
     @property
     def id(self) -> str:

@@ -69,17 +69,11 @@ class Executor(BatchRuns, Preemption):
             self._running.setdefault(g.name, set()).add(c)
         if g.methods[c.method]:
             run = self.run_stream if c.method in g.streams else self.run_async
-            c.task = task = asyncio.get_running_loop().create_task(run(inst, c))
-            task.add_done_callback(partial(self._unstarted, inst, c))
+            c.begun = False  # (a re-run's new task)
+            c.task = asyncio.get_running_loop().create_task(run(inst, c))
             return
         inst.sync_running += 1
         self.hosting.tell(inst, c)
-
-    def _unstarted(self, inst: Instance, c: Call, task: "asyncio.Task[None]") -> None:
-        """A task cancelled before its first step never ran its method, so never said it was done: say
-        it now (its slot back; a preempted call back in its queue, an aborted one already answered)."""
-        if task.cancelled():
-            self.complete(inst, c, False, None)
 
     def _bind(self, inst: Instance, c: Call) -> None:
         """``c`` is on ``inst`` now: out of the queue's books, with its scope and its wait counted."""
@@ -98,6 +92,7 @@ class Executor(BatchRuns, Preemption):
             g.served(m.session, inst)
 
     async def run_async(self, inst: Instance, c: Call) -> None:
+        c.begun = True
         current_scope.set(c.scope)
         current_txn.set(c.txn)
         try:
@@ -112,6 +107,7 @@ class Executor(BatchRuns, Preemption):
     async def run_stream(self, inst: Instance, c: Call) -> None:
         """A streaming method: each item goes to the callers at once; the value is how many there were,
         so a caller can tell it missed none."""
+        c.begun = True
         current_scope.set(c.scope)
         current_txn.set(c.txn)
         n = 0
@@ -357,13 +353,18 @@ class Executor(BatchRuns, Preemption):
         """End ``c`` now with ``err``: out of its queue or its task cancelled, its children cancelled."""
         if c.done or c.committing:  # a commit under way finishes (quickly) and is answered
             return
+        unstarted = None
         if c.inst is None:
             assert self.queue is not None
             self.queue.unqueue(c)
         elif c.task is not None:
             c.task.cancel()
+            if not c.begun:  # cancelled before its first step: its method never runs, nor says it ended
+                unstarted = c.inst
         children = c.scope.children if c.scope is not None else None
         self.fail(c, err, message)
+        if unstarted is not None:
+            self.complete(unstarted, c, False, None)  # (its slot back)
         for child in children or ():
             child.cancel()
 

@@ -10,7 +10,7 @@ import time
 from ...bus.errors import DeadlineExceeded, RemoteError
 from ..preempt import PREEMPTED
 from ..runtime import Runtime
-from .calls import Book, Call, Queue
+from .calls import Book, Call, Instance, Queue
 
 log = logging.getLogger("nalar.node")
 
@@ -29,6 +29,9 @@ class Preemption:
     _streaming: set[str]  # ids of streaming calls that sent an item (never preempted)
 
     def fail(self, c: Call, err: type[RemoteError], message: str) -> None:
+        raise NotImplementedError
+
+    def complete(self, inst: Instance, c: Call, ok: bool, value: object) -> None:
         raise NotImplementedError
 
     def preempt_for(self, c: Call) -> bool:
@@ -58,8 +61,10 @@ class Preemption:
             return False
         assert victim.inst is not None
         how = g.hints.preemptable
+        unstarted = False
         if victim.task is not None:
             victim.task.cancel(PREEMPTED)
+            unstarted = not victim.begun  # its method never runs, nor says it ended: the executor does
         elif isinstance(how, str):
             try:
                 getattr(victim.inst.obj, how)()  # the running def method answers with Preempted
@@ -70,6 +75,8 @@ class Preemption:
             return False  # a def method without a preempt method cannot be interrupted
         self._preempting.add(victim.id)
         self.book.counters["preempted"] = self.book.counters.get("preempted", 0) + 1
+        if unstarted:
+            self.complete(victim.inst, victim, False, None)  # back in its queue; the slot to ``c``
         return True
 
     def _requeue(self, c: Call) -> None:
