@@ -126,6 +126,15 @@ def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
+def _dict(v: Any) -> dict[str, Any]:
+    """``v`` if it is an object, else empty: a status is any JSON a node (or a forger) sent."""
+    return v if isinstance(v, dict) else {}
+
+
+def _list(v: Any) -> list[Any]:
+    return v if isinstance(v, list) else []
+
+
 def _pct(d: Any, key: str) -> float | None:
     """``p50``/``p99`` of a ``{"p50", "p99", "n", "window_s"}`` dict, if the node reports one."""
     return _num(d.get(key)) if isinstance(d, dict) else None
@@ -134,31 +143,35 @@ def _pct(d: Any, key: str) -> float | None:
 def decision_lines(d: dict[str, Any]) -> list[str]:
     """The decisions in force, one short line each (``nalar status`` shows the same, wordier)."""
     out: list[str] = []
-    for actor, w in sorted((d.get("weights") or {}).items()):
-        out.append(f"weights {actor}: " + ", ".join(f"{i} x{x:g}" for i, x in sorted(w.items())))
+    for actor, w in sorted(_dict(d.get("weights")).items()):
+        out.append(f"weights {actor}: " + ", ".join(f"{i} x{_num(x) or 0:g}" for i, x in sorted(_dict(w).items())))
     for kind in ("sticky", "home"):
-        for actor, insts in sorted((d.get(kind) or {}).items()):
-            out.append(f"{kind} {actor}: {len(insts)} instance{'s' if len(insts) != 1 else ''}")
+        for actor, insts in sorted(_dict(d.get(kind)).items()):
+            n = len(insts) if isinstance(insts, (list, dict)) else 0
+            out.append(f"{kind} {actor}: {n} instance{'s' if n != 1 else ''}")
     for kind, word in (("session_routes", "routes"), ("affinity_routes", "affinity")):
-        for actor, n in sorted((d.get(kind) or {}).items()):
-            out.append(f"{word} {actor}: {n} session{'s' if n != 1 else ''}")
-    if d.get("priorities"):
-        n = d["priorities"]
-        out.append(f"priorities: {n} session{'s' if n != 1 else ''}")
-    for node, per in sorted((d.get("scale") or {}).items()):
-        out.append(f"want on {node}: " + ", ".join(f"{a} x{c}" for a, c in sorted(per.items())))
+        for actor, v in sorted(_dict(d.get(kind)).items()):
+            k = _int(v) or 0
+            out.append(f"{word} {actor}: {k} session{'s' if k != 1 else ''}")
+    prios = _int(d.get("priorities"))
+    if prios:
+        out.append(f"priorities: {prios} session{'s' if prios != 1 else ''}")
+    for node, per in sorted(_dict(d.get("scale")).items()):
+        out.append(f"want on {node}: " + ", ".join(f"{a} x{_int(c) if _int(c) is not None else c!r:.20}"
+                                                   for a, c in sorted(_dict(per).items())))
     return out
 
 
 def _leader(p: dict[str, Any]) -> Leader:
-    last = p.get("last_round") or {}
+    last = _dict(p.get("last_round"))
+    leader = p.get("leader")
     return Leader(
-        name=p.get("leader"),
+        name=str(leader) if leader is not None else None,
         role=str(p.get("role", "single")), term=_int(p.get("term")) or 0,
-        policies=[str(x) for x in p.get("policies") or []], interval_s=_num(p.get("interval_s")),
+        policies=[str(x) for x in _list(p.get("policies"))], interval_s=_num(p.get("interval_s")),
         rounds=_int(p.get("rounds")) or 0, last_round_ms=_num(last.get("round_ms")),
-        errors={str(k): str(v) for k, v in (p.get("errors") or {}).items()},
-        refused=[str(r) for r in p.get("refused") or []], standbys=[str(s) for s in p.get("standbys") or []])
+        errors={str(k): str(v) for k, v in _dict(p.get("errors")).items()},
+        refused=[str(r) for r in _list(p.get("refused"))], standbys=[str(s) for s in _list(p.get("standbys"))])
 
 
 class Watch:
@@ -184,6 +197,9 @@ class Watch:
         except Exception as e:  # a refused or broken connection: shown, and the next round tries again
             nodes, policy, note = [], None, f"{type(e).__name__}: {e}"
         now = time.monotonic()
+        nodes = [st for st in nodes if _readable(st)]  # one forged or broken status is left out, not a crash
+        if policy is not None and not _readable_policy(policy):
+            policy = None
         for st in nodes:
             name = str(st.get("node"))
             self.known[name] = st
@@ -219,11 +235,11 @@ class Watch:
                 continue
             fresh = name in answering and seen is not None and seen < LIVENESS_TIMEOUT
             health = "up" if fresh else "missing" if seen is None or seen > MISSING_AFTER else "stale"
-            ctl = st.get("control") or {}
+            ctl = _dict(st.get("control"))
             rows.append(NodeRow(name, health, _num(st.get("uptime_s")) if name in answering else None,
                                 _int(st.get("in_flight")) if name in answering else None, seen,
                                 _int(ctl.get("applied_version")), _int(ctl.get("term")),
-                                sum(v for v in (ctl.get("refused") or {}).values() if isinstance(v, int))))
+                                sum(v for v in _dict(ctl.get("refused")).values() if _int(v) is not None)))
         actors: list[ActorRow] = []
         waiting: list[WaitingRow] | None = None
         engines: list[EngineRow] = []
@@ -231,24 +247,27 @@ class Watch:
         for st in sorted(nodes + stale, key=lambda st: str(st.get("node"))):
             node = str(st.get("node"))
             if node not in answering:  # its last numbers, marked; who waits there now is unknown
-                actors += [self._actor(name, node, a, stale=True) for name, a in sorted((st.get("actors") or {}).items())]
+                actors += [self._actor(name, node, _dict(a), stale=True)
+                           for name, a in sorted(_dict(st.get("actors")).items())]
                 continue
-            for name, a in sorted((st.get("actors") or {}).items()):
+            for name, a in sorted(_dict(st.get("actors")).items()):
+                a = _dict(a)
                 actors.append(self._actor(name, node, a))
                 if isinstance(a.get("waiting"), list):
                     waiting = waiting if waiting is not None else []
-                    waiting += [WaitingRow(str(w.get("session")), name, node, float(w.get("wait_ms") or 0.0))
+                    waiting += [WaitingRow(str(w.get("session")), name, node, _num(w.get("wait_ms")) or 0.0)
                                 for w in a["waiting"] if isinstance(w, dict)]
-                for iid, e in sorted((a.get("engine") or {}).items()):
+                for iid, e in sorted(_dict(a.get("engine")).items()):
+                    e = _dict(e)
                     engines.append(EngineRow(iid, _num(e.get("kv_usage")), _int(e.get("running")),
                                              _int(e.get("waiting")), _num(e.get("prefix_hit_rate")),
                                              str(e["simulated"]) if e.get("simulated") else None,
                                              str(e["error"]) if "error" in e else None))
         if waiting is not None:
             waiting = sorted(waiting, key=lambda w: -w.wait_ms)[:WAITING_SHOWN]
-        table = policy.get("decisions") if policy is not None else None
+        table = _dict(policy.get("decisions")) or None if policy is not None else None
         if table is None and nodes:  # no policy actor: the nodes keep the decisions they have
-            table = max((st.get("decisions") or {} for st in nodes), key=lambda d: d.get("version", 0))
+            table = max((_dict(st.get("decisions")) for st in nodes), key=lambda d: _int(d.get("version")) or 0)
         silent = None if self.answered == now else now - (self.answered or self.started)
         return Frame(url=self.client.url, namespace=self.namespace, at=time.time(), nodes=rows, actors=actors,
                      waiting=waiting, engines=engines,
@@ -260,8 +279,17 @@ class Watch:
     def _actor(name: str, node: str, a: dict[str, Any], stale: bool = False) -> ActorRow:
         insts = [InstanceRow(str(i.get("id")), _int(i.get("queued")) or 0, _int(i.get("running")) or 0,
                              _int(i.get("limit")), _int(i.get("handled")) or 0, bool(i.get("draining")))
-                 for i in a.get("instances") or [] if isinstance(i, dict)]
+                 for i in _list(a.get("instances")) if isinstance(i, dict)]
         lat = a.get("latency_ms")
         return ActorRow(name, node, str(a.get("kind", "")), _int(a.get("queued")) or 0, _int(a.get("running")) or 0,
                         _int(a.get("done")) or 0, _int(a.get("failed")) or 0, _pct(lat, "p50"), _pct(lat, "p99"),
                         _pct(a.get("wait_ms"), "p50"), insts, stale)
+
+
+def _readable(st: Any) -> bool:
+    """A node status top can show: an object with a name (every field it reads is type-checked where read)."""
+    return isinstance(st, dict) and isinstance(st.get("node"), str) and bool(st["node"])
+
+
+def _readable_policy(p: Any) -> bool:
+    return isinstance(p, dict)

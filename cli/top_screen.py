@@ -7,6 +7,8 @@ that says how much is hidden. Glyphs fall back to ASCII where the output's encod
 """
 from __future__ import annotations
 
+import re
+
 import time
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -41,8 +43,19 @@ class Col:
     cosmetic: bool = False  # dropped too, before a name in the first column is cut
 
 
+#: Control characters (C0, DEL, C1): a session id from an HTTP client or a forged status could carry
+#: escape sequences (clear the screen, write the clipboard) to the operator's terminal.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character shown as ``?``: names and ids come from the bus."""
+    return _CONTROL.sub("?", text)
+
+
 def fit(text: str, width: int, g: Glyphs, left: bool = True) -> str:
-    """``text`` in exactly ``width`` cells: padded, or cut with an ellipsis."""
+    """``text`` in exactly ``width`` cells (control characters shown as ``?``): padded, or cut with an ellipsis."""
+    text = printable(text)
     if width <= 0:
         return ""
     if cell_len(text) > width:
@@ -121,7 +134,8 @@ def _num(v: int | None, g: Glyphs) -> str:
 def packed(label: str, items: list[str], width: int, g: Glyphs, max_lines: int = 3) -> list[Text]:
     """``label`` then ``items`` joined on as few lines as fit (at most ``max_lines``, the rest counted)."""
     done: list[str] = []
-    cur, fresh = label, True
+    cur, fresh = printable(label), True
+    items = [printable(i) for i in items]
     for n, item in enumerate(items):
         piece = item if fresh else g.sep + item
         if fresh or cell_len(cur + piece) <= width:
@@ -227,6 +241,7 @@ def lines(f: Frame, width: int, g: Glyphs, instances: bool = True, hint: str = "
 
 def screen(f: Frame, width: int, height: int, g: Glyphs, hint: str = "") -> list[Text]:
     """The frame cut to ``height`` lines: first without instance rows, then with a line for the rest."""
+    height = max(height, 1)  # (a pty may say 0 rows)
     out = lines(f, width, g, True, hint)
     if len(out) > height:
         out = lines(f, width, g, False, hint)

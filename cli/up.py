@@ -46,7 +46,7 @@ def _join_url(host: str, port: int) -> str:
 
 def _banner(node: Node, url: str, namespace: str, where: places.Place, creds: auth.Credentials | None,
             join: str, max_payload: int, gateway: GatewayChild | None = None,
-            metrics: Endpoint | None = None) -> str:
+            metrics: Endpoint | None = None, listening: bool = False) -> str:
     served = ", ".join(f"{g.name} x{len(g.instances)}" for g in node.groups.values())
     first = next(iter(node.groups.values()))
     example = ("nalar call Analyst.analyze '[\"the quick brown fox jumps over the lazy dog\"]'"
@@ -66,11 +66,11 @@ def _banner(node: Node, url: str, namespace: str, where: places.Place, creds: au
         f"  node       {node.name} serving {served}",
         "  policy     the policy actor runs here too (nalar status shows its decisions)",
         *([f"  gateway    {gateway.address}   (HTTP: POST /v1/actors/ACTOR/METHOD, and OpenAI's /v1/chat/completions, "
-           "/v1/completions, /v1/models)"] if gateway is not None and gateway.listening else []),
+           "/v1/completions, /v1/models)"] if gateway is not None and listening else []),
         *([f"  metrics    {metrics.url}   (Prometheus: the node's and the policy actor's"
            + (f"; port {metrics.port} was taken" if metrics.server is not None and metrics.server.port != metrics.port
               else "")
-           + (f"; the gateway's at {gateway.address}/metrics)" if gateway is not None and gateway.listening else ")")]
+           + (f"; the gateway's at {gateway.address}/metrics)" if gateway is not None and listening else ")")]
           if metrics is not None and metrics.server is not None else []),
         "  try        " + example,
         "             nalar status",
@@ -137,11 +137,14 @@ def run_up(specs: list[tuple[type, int | None]], namespace: str, data_dir: str |
         announced: list[asyncio.Future[None]] = []
 
         def ready(node: Node, connected: str) -> None:
-            def announce() -> None:  # off the node's loop: the gateway's start asks the node for decisions
-                if gateway is not None:
-                    gateway.wait(out)
-                print(_banner(node, url, namespace, where, creds, join, limit, gateway, metrics), file=out,
-                      flush=True)
+            # Both banners made here, on the node's loop (they read its groups); the one that holds is
+            # printed off it, once the gateway listens or failed (its start asks the node for decisions).
+            bare = _banner(node, url, namespace, where, creds, join, limit, None, metrics)
+            full = _banner(node, url, namespace, where, creds, join, limit, gateway, metrics, listening=True)
+
+            def announce() -> None:
+                ok = gateway is not None and gateway.wait(out)
+                print(full if ok else bare, file=out, flush=True)
             announced.append(asyncio.get_running_loop().run_in_executor(None, announce))
 
         try:

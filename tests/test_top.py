@@ -221,3 +221,51 @@ def test_a_deployment_that_goes_away_shows_as_silent_not_a_crash(tmp_path: Path,
         assert "TOP-EXIT=130" in after and re.search(r"(?<![-\w])icanon\b", after), after
     finally:
         up.stop()
+
+
+FORGER = r"""
+import asyncio, sys
+import nats
+from nalar.bus import envelope as env
+
+ESC = "\x1b]52;c;cHduZWQ=\x07\x1b[2J"
+FORGED = [  # what a forger with a node's credential could answer to a status request
+    {"node": "forged-1", "control": [1], "actors": ["A"], "decisions": {"version": "9", "weights": {"A": {"i": "x"}}}},
+    {"node": "forged-2" + ESC, "actors": {"A" + ESC: {"waiting": [{"session": ESC, "wait_ms": "slow"}],
+                                                        "engine": [1], "instances": "x"}}},
+    ["not", "an", "object"],
+    {"node": 7},
+]
+
+
+async def main():
+    nc = await nats.connect(sys.argv[1])
+
+    async def on(msg):
+        for st in FORGED:
+            await nc.publish(msg.reply, env.encode_result(st))
+
+    await nc.subscribe(sys.argv[2], cb=on)
+    await nc.flush()
+    print("forger ready", flush=True)
+    await asyncio.sleep(120)
+
+asyncio.run(main())
+"""
+
+
+def test_forged_statuses_neither_crash_top_nor_reach_the_terminal(nats_url: str, namespace: str) -> None:
+    """Statuses of the wrong shapes and names with escape sequences (a forger's, or an HTTP client's
+    session id shown under 'waiting longest'): top shows what it can, as ``?`` for control characters."""
+    forger = subprocess.Popen([sys.executable, "-c", FORGER, nats_url, f"nalar.{namespace}.status"],
+                              stdout=subprocess.PIPE, text=True, env=node_env())
+    try:
+        assert forger.stdout is not None and "forger ready" in forger.stdout.readline()
+        r = subprocess.run([*NALAR, "top", "--once", "--nats", nats_url, "--namespace", namespace],
+                           capture_output=True, text=True, timeout=60, env=node_env({"COLUMNS": "100"}))
+        assert "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+        assert "forged-1" in r.stdout and "forged-2?]52" in r.stdout, r.stdout
+        assert not re.search("[\x00-\x08\x0b-\x1f\x7f]", r.stdout), repr(r.stdout)
+    finally:
+        forger.kill()
+        forger.wait()

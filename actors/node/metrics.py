@@ -113,6 +113,8 @@ class NodeCollector(Collector):
         fams = {k: GaugeMetricFamily(name, doc, labels=labels) for k, (name, doc) in ENGINE_GAUGES.items()}
         for g in groups:
             for iid, st in (engine_stats(g) or {}).items():
+                if not isinstance(st, dict):  # an engine_stats() of the user's that is not a dict: not ours to fail on
+                    continue
                 for k, fam in fams.items():
                     x = st.get(k)
                     if isinstance(x, (int, float)) and not isinstance(x, bool):
