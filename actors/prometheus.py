@@ -36,6 +36,9 @@ DEFAULT_ADDR = "127.0.0.1"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _MAX_REQUEST = 8192  # bytes of request line and headers a scraper may send
 _READ_TIMEOUT_S = 5.0
+#: Connections held open at once; past that a new one is closed at once, so idle or slow clients (each
+#: held up to the read timeout) cannot take the process's file descriptors.
+MAX_CONNECTIONS = 64
 
 
 def new_registry() -> "CollectorRegistry":
@@ -81,6 +84,8 @@ class MetricsServer:
         self.port = port
         self._server: asyncio.base_events.Server | None = None
         self.scrapes = 0
+        self.open = 0  # connections being served now
+        self.refused = 0  # connections closed at once, past MAX_CONNECTIONS
 
     @property
     def url(self) -> str:
@@ -108,6 +113,17 @@ class MetricsServer:
             self._server = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.open >= MAX_CONNECTIONS:
+            self.refused += 1
+            writer.close()
+            return
+        self.open += 1
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self.open -= 1
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _READ_TIMEOUT_S)
             status, body, ctype = self._answer(head)

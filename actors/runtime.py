@@ -63,8 +63,9 @@ def _session_id(session: Any) -> str | None:
     if session is _INHERIT or session is None:
         return None
     session = str(session)
-    if len(session) > env.MAX_SESSION_LEN or "\n" in session or "\r" in session:
-        raise ValueError(f"a session id is one line of at most {env.MAX_SESSION_LEN} characters")
+    if len(session) > env.MAX_SESSION_LEN or env.CONTROL_CHARS.search(session):
+        raise ValueError(f"a session id is at most {env.MAX_SESSION_LEN} characters, none of them a control "
+                         "character (newline, tab, escape...)")
     return session
 
 

@@ -12,8 +12,10 @@ and nothing in a message is ever evaluated. ``fits``/``check_size`` are the one 
 """
 from __future__ import annotations
 
+
 import base64
 import math
+import re
 from typing import Any, Callable, TypeVar, overload
 
 import orjson
@@ -36,6 +38,9 @@ H_STREAM = "Nalar-Stream"  # on a streaming call's last reply (its value: how ma
 
 MAX_ID_LEN = 128
 MAX_SESSION_LEN = 256
+#: Control characters (C0, DEL, C1), which no session id may hold: ids are shown on operators'
+#: terminals (``nalar top``, logs), where they could carry escape sequences.
+CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
 MAX_TRACEPARENT_LEN = 128  # W3C's is 55 characters; room for future versions
 _BYTES_KEY = "$bytes"
 _BYTES_MARK = b'"$bytes"'
@@ -305,6 +310,8 @@ class CallMeta:
             raise MalformedMessage(f"call has a Nalar-Req, Nalar-Parent or Nalar-Fwd over {MAX_ID_LEN} characters, "
                                    f"a Nalar-Session over {MAX_SESSION_LEN} or a traceparent over "
                                    f"{MAX_TRACEPARENT_LEN}")
+        if m.session is not None and CONTROL_CHARS.search(m.session):
+            raise MalformedMessage("call has a Nalar-Session with a control character in it")
         return m
 
 

@@ -284,4 +284,28 @@ async def call_actor(gw: Gateway, request: Request) -> Response:
     value = parse_json(await read_body(request, gw.max_body), empty=[])
     args, kwargs = (value, {}) if isinstance(value, list) else ([], value) if isinstance(value, dict) else ([value], {})
     fut = getattr(gw.stub(actor, opts), method)(*args, **kwargs)
+    if "text/event-stream" in request.headers.get("accept", ""):
+        from starlette.background import BackgroundTask
+        from starlette.responses import StreamingResponse
+
+        return StreamingResponse(_events(fut), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                 background=BackgroundTask(fut.cancel))  # a client gone: the call cancelled
     return json_response({"result": await await_call(request, fut)})
+
+
+async def _events(fut: Any) -> Any:
+    """Server-Sent Events of a call: ``{"item": ...}`` for each item a streaming method yields, then
+    ``{"result": ...}`` (a plain method: its value alone), or ``{"error": ...}`` if it failed."""
+    try:
+        try:
+            async for item in fut:
+                yield b"data: " + env.dumps({"item": item}, None) + b"\n\n"
+        except TypeError:  # not a streaming method: its value is the one event
+            if fut.exception(0) is not None:
+                raise
+        yield b"data: " + env.dumps({"result": await fut}, None) + b"\n\n"
+    except Exception as e:
+        yield b"data: " + env.dumps(error_body(e, status_of(e)[0]), None) + b"\n\n"
+    finally:
+        fut.cancel()

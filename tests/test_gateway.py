@@ -369,3 +369,29 @@ def test_the_command_refuses_bad_options_and_an_unreachable_server(tmp_path: Pat
 def test_stream_options_must_be_an_object(http: httpx.Client) -> None:
     r = http.post("/v1/completions", json={"model": "SimLLM", "prompt": "p", "stream": True, "stream_options": True})
     assert r.status_code == 400 and "stream_options" in r.json()["error"]["message"], r.text
+
+
+def test_a_session_id_with_control_characters_is_refused(http: httpx.Client, nc: nalar.Client) -> None:
+    """Session ids are shown on operators' terminals: an escape sequence in one is a 400, not a session."""
+    r = http.post("/v1/completions", json={"model": "SimLLM", "prompt": "p", "max_tokens": 2,
+                                           "user": "\x1b]52;c;cHduZWQ=\x07"})
+    assert r.status_code == 400 and "control character" in r.json()["error"]["message"], r.text
+    with pytest.raises(ValueError, match="control character"):
+        nc.stub("Calc", session="tab\there").add(1, 2)
+
+
+def test_the_actor_endpoint_streams_a_streaming_method_as_events(dep: Deployment, http: httpx.Client) -> None:
+    """``Accept: text/event-stream``: each item of SimLLM's generate_stream as an event, then the result
+    (the count); a plain method is one result event."""
+    with http.stream("POST", "/v1/actors/SimLLM/generate_stream", json={"prompt": "p", "max_tokens": 6,
+                                                                        "ignore_eos": True},
+                     headers={"Accept": "text/event-stream"}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        import json
+
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    items = [e["item"] for e in events if "item" in e]
+    assert len(items) >= 2 and isinstance(items[-1], dict) and items[-1]["completion_tokens"] == 6, events
+    assert events[-1] == {"result": len(items)}, events
+    with http.stream("POST", "/v1/actors/Calc/add", json=[1, 2], headers={"Accept": "text/event-stream"}) as r:
+        assert [line for line in r.iter_lines() if line] == ['data: {"result":3}']

@@ -272,3 +272,44 @@ def test_compose_prometheus_config_is_valid(tmp_path: Path) -> None:
     cfg = Path(__file__).resolve().parents[1] / "cli" / "deploy" / "prometheus.yml"
     r = subprocess.run([promtool, "check", "config", str(cfg)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+async def test_idle_connections_past_the_cap_are_closed_and_scrapes_still_answer() -> None:
+    """A client holding connections open (each waits up to the read timeout) cannot take the process's
+    descriptors: past ``MAX_CONNECTIONS`` a new one is closed at once; once they go, a scrape answers."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from nalar.actors.prometheus import MAX_CONNECTIONS, MetricsServer
+
+    server = await MetricsServer(CollectorRegistry(), "127.0.0.1", 0).start()
+    idle = []
+    try:
+        for _ in range(MAX_CONNECTIONS):
+            idle.append(await asyncio.open_connection("127.0.0.1", server.port))
+        await _until(lambda: server.open == MAX_CONNECTIONS)  # the server has taken them all in
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed at once, without an answer
+        writer.close()
+        assert server.refused == 1
+        for _, w in idle:
+            w.close()
+        await _until(lambda: server.open == 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200")
+        writer.close()
+    finally:
+        await server.stop()
+
+
+async def _until(predicate: Any, timeout: float = 10.0) -> None:
+    """Poll real state until it holds (bounded)."""
+    import asyncio
+    import time
+
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        await asyncio.sleep(0.01)

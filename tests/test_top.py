@@ -87,7 +87,7 @@ class Pane:
         self.tmux = [TMUX, "-L", "nalar-top-" + uuid.uuid4().hex[:8]]
         exports = " ".join(f"{k}={shlex.quote(env[k])}" for k in ("NALAR_HOME", "PYTHONPATH", "PATH"))
         # `trap :` keeps the shell through a Ctrl-C (its child, top, gets the default disposition back)
-        script = f"export {exports} TERM=xterm-256color; trap : INT; {command}; echo TOP-EXIT=$?; stty -a; sleep 60"
+        script = f"export {exports} TERM=xterm-256color; trap : INT; {command}; echo TOP-EXIT=$?; stty -a; echo STTY-DONE; sleep 60"
         subprocess.run([*self.tmux, "-f", "/dev/null", "new-session", "-d", "-x", str(width), "-y", str(height),
                         "sh", "-c", script], check=True, timeout=20)
 
@@ -169,7 +169,7 @@ def test_top_shows_queues_decisions_node_and_leader_then_q_restores_the_terminal
     assert _queued(screen) <= CALLS and re.search(r"^\s+Prio-n1-0\s+\d+\s+1/1\s", screen, re.M), screen
     assert "q quits" in screen.splitlines()[0]
     p.keys("q")
-    after = p.wait(lambda s: "TOP-EXIT=" in s, "top to quit on q")
+    after = p.wait(lambda s: "STTY-DONE" in s, "top to quit on q")
     assert "TOP-EXIT=0" in after and "nalar top" not in after, after  # the alternate screen is gone
     assert re.search(r"(?<![-\w])icanon\b", after) and re.search(r"(?<![-\w])echo\b", after), after  # cooked mode again
 
@@ -217,7 +217,7 @@ def test_a_deployment_that_goes_away_shows_as_silent_not_a_crash(tmp_path: Path,
                         and re.search(r"^n1\s+stale\s", s, re.M) is not None, "the silence shown")
         assert "TOP-EXIT" not in screen and re.search(r"^Pin\s+n1\s", screen, re.M), screen  # what was last seen
         p.keys("C-c")
-        after = p.wait(lambda s: "TOP-EXIT=" in s, "top to quit on Ctrl-C")
+        after = p.wait(lambda s: "STTY-DONE" in s, "top to quit on Ctrl-C")
         assert "TOP-EXIT=130" in after and re.search(r"(?<![-\w])icanon\b", after), after
     finally:
         up.stop()
