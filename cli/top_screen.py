@@ -7,8 +7,6 @@ that says how much is hidden. Glyphs fall back to ASCII where the output's encod
 """
 from __future__ import annotations
 
-import re
-
 import time
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -16,6 +14,7 @@ from typing import Sequence, Union
 from rich.cells import cell_len, set_cell_size
 from rich.text import Text
 
+from ..bus.envelope import CONTROL_CHARS
 from .top_model import ActorRow, Frame, Leader
 
 Cell = Union[str, tuple[str, str]]  # text, or (text, style)
@@ -43,14 +42,10 @@ class Col:
     cosmetic: bool = False  # dropped too, before a name in the first column is cut
 
 
-#: Control characters (C0, DEL, C1): a session id from an HTTP client or a forged status could carry
-#: escape sequences (clear the screen, write the clipboard) to the operator's terminal.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
-
-
 def printable(text: str) -> str:
-    """``text`` with every control character shown as ``?``: names and ids come from the bus."""
-    return _CONTROL.sub("?", text)
+    """``text`` with every control character shown as ``?``: names and ids come from the bus, and a
+    forged status could carry escape sequences (clear the screen, write the clipboard) to the terminal."""
+    return CONTROL_CHARS.sub("?", text)
 
 
 def fit(text: str, width: int, g: Glyphs, left: bool = True) -> str:
