@@ -23,6 +23,8 @@ from .store import Store, decode_head, empty_head
 
 log = logging.getLogger("nalar.state")
 MAX_BATCH = 1024
+#: Versions a commit may compact, at most (each commit adds one: the window drains as fast as it fills).
+COMPACT_STEP = 4
 
 
 class Op:
@@ -88,7 +90,7 @@ class Apply(Op):
                         txn.put(fk, orjson.dumps({"u": K.split_unit(u), "v": ver}) + b"\n" + reply)
                     lk = K.log(u, ver)
                     if txn.get(lk) is None:  # so it is compacted, dropped and carried on like the rest
-                        txn.put(lk, orjson.dumps({"f": fid, "m": "", "w": [], "k": "carried"}))
+                        txn.put(lk, orjson.dumps({"f": fid, "m": "", "w": [], "k": "carried", "t": r.at}))
             elif r.version != h["v"] + 1:
                 raise StateError(f"the log of {K.split_unit(u)} jumps from version {h['v']} to {r.version}")
             else:
@@ -108,7 +110,7 @@ class Apply(Op):
                                                        "w": [c.name for c in r.writes], "a": max(0, r.attempt),
                                                        "n": r.node, "s": e.seq, "k": r.kind}))
             txn.put(K.future(r.future), orjson.dumps({"u": K.split_unit(u), "v": r.version}) + b"\n" + r.reply)
-            _compact(store, txn, u, r.version)
+            _compact(store, txn, u, r.version, r.at)
         p = h.get("p")
         if p and any(e.first <= p[0] <= e.seq for e in self.entries):
             del h["p"]  # the record it had seen the start of is here now
@@ -122,22 +124,36 @@ class Apply(Op):
         return ("ok", h["v"], h["s"])
 
 
-def _compact(store: Store, txn: Any, u: bytes, v: int) -> None:
-    """Forget the version that just left the history window: its log entry and its future id."""
-    old = v - store.history
-    if old < 1:
+def _compact(store: Store, txn: Any, u: bytes, v: int, at: float) -> None:
+    """Forget the oldest versions that left the window: more than ``history`` versions behind ``v``
+    and committed more than ``dedup_window`` seconds before ``at`` (the record's own time, so every
+    copy compacts alike). At most ``COMPACT_STEP`` per commit: the window drains as it fills."""
+    upto = v - store.history
+    if upto < 1:
         return
-    lkey = K.log(u, old)
-    entry = txn.get(lkey)
-    if entry is None:
-        return
-    try:
-        fid = orjson.loads(entry).get("f")
+    cutoff = at - store.dedup_window
+    pre = K.log_prefix(u)
+    cur = txn.cursor()
+    doomed: list[tuple[bytes, Any]] = []
+    if cur.set_range(pre):
+        for k, raw in cur:
+            if len(doomed) >= COMPACT_STEP or not k.startswith(pre) or K.version_of(k) > upto:
+                break
+            try:
+                e = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                e = None
+            if not isinstance(e, dict):
+                log.warning("compacting a garbled log record of %s", K.split_unit(u))
+                e = {}
+            t = e.get("t")
+            if isinstance(t, (int, float)) and not isinstance(t, bool) and t > cutoff:
+                break  # young enough that a retry of it may still come
+            doomed.append((bytes(k), e.get("f")))
+    for k, fid in doomed:
+        txn.delete(k)
         if isinstance(fid, str):
             txn.delete(K.future(fid))
-    except (orjson.JSONDecodeError, AttributeError):
-        log.warning("skipping compaction of a garbled log record of %s", K.split_unit(u))
-    txn.delete(lkey)
 
 
 class Drop(Op):

@@ -26,6 +26,11 @@ DEFAULT_MAX_MAP_SIZE = 64 * 1024 ** 3
 #: Versions of a unit whose log entry and future id are kept for inspection and for recognising retried
 #: futures (``NALAR_STATE_HISTORY``); a snapshot carries them to a node that catches up from it.
 DEFAULT_HISTORY = 1000
+#: ... and for at least this many seconds after their commit (``NALAR_STATE_DEDUP_WINDOW``), whatever
+#: the count: a hot session commits far more than 1,000 versions while a retry outlasts a node's
+#: restart (the default retry policy keeps trying for 30 s), and a future forgotten by then would be
+#: applied again. A snapshot carries the last ``history`` versions' futures only.
+DEFAULT_DEDUP_WINDOW = 120.0
 
 
 class _RWLock:
@@ -103,6 +108,19 @@ def decode_future(data: bytes) -> tuple[dict[str, Any], bytes]:
     return m, body
 
 
+def _seconds(var: str, default: float) -> float:
+    raw = os.environ.get(var)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        v = float(raw)
+    except ValueError:
+        v = -1.0
+    if not 0 <= v < float("inf"):
+        raise StateError(f"{var}={raw!r}: expected a number of seconds >= 0")
+    return v
+
+
 def _log_entries(txn: Any, u: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
     """The unit's version window, oldest first: (version, its log entry)."""
     pre = K.log_prefix(u)
@@ -121,11 +139,13 @@ class Store:
     """One LMDB environment holding every unit this node holds."""
 
     def __init__(self, path: str, map_size: int = DEFAULT_MAP_SIZE, max_map_size: int | None = None,
-                 sync: bool = True, history: int = DEFAULT_HISTORY) -> None:
+                 sync: bool = True, history: int = DEFAULT_HISTORY,
+                 dedup_window: float = DEFAULT_DEDUP_WINDOW) -> None:
         os.makedirs(path, mode=0o700, exist_ok=True)  # sessions' state: its owner's only
         self.path = path
         self.max_map_size = max_map_size or int(os.environ.get("NALAR_STATE_MAX_MAP", DEFAULT_MAX_MAP_SIZE))
         self.history = max(1, int(os.environ.get("NALAR_STATE_HISTORY", history)))
+        self.dedup_window = _seconds("NALAR_STATE_DEDUP_WINDOW", dedup_window)
         self.sync = sync
         try:
             self.env = lmdb.open(path, map_size=min(map_size, self.max_map_size), subdir=True, max_readers=2048,

@@ -496,3 +496,29 @@ class Leaky(nalar.Tool):
             except ValueError as e:
                 errs.append(e)
         raise ExceptionGroup("two helpers failed", errs)
+
+
+@nalar.hints(stateful=True, max_concurrency=None)
+class HeldNotes(nalar.Agent):
+    """A session's list, whose ``hold`` calls keep their unit's turn until ``release`` is called."""
+
+    def __init__(self) -> None:
+        self._gate = asyncio.Event()
+
+    async def note(self, text: str) -> int:
+        notes = nalar.managed_list("notes")
+        notes.append(text)
+        return len(notes)
+
+    async def hold(self, text: str) -> int:
+        notes = nalar.managed_list("notes")
+        notes.append(text)
+        await self._gate.wait()
+        return len(notes)
+
+    async def release(self) -> bool:
+        self._gate.set()
+        return True
+
+    async def notes(self) -> list[str]:
+        return list(nalar.managed_list("notes"))

@@ -32,9 +32,9 @@ STATE_KEYS = {"path", "map_size", "units", "commit_batches", "commit_ops", "log"
 
 # -- the store and its committer on their own ----------------------------------------------------------
 def _rec(version: int, fid: str, writes: dict[str, bytes], reply: bytes = b'{"v":1}', op: str = SET,
-         kind: str = DELTA) -> Record:
+         kind: str = DELTA, at: float | None = None) -> Record:
     return Record(version, fid, "m", 0, "test", kind, [Change(n, op, d) for n, d in writes.items()], reply, [],
-                  time.time())
+                  time.time() if at is None else at)
 
 
 def _apply(committer: Committer, unit: bytes, entries: list[Entry], upto: int | None = None,
@@ -86,7 +86,7 @@ def test_apply_builds_the_copy_and_skips_what_it_already_has(tmp_path):
 
 
 def test_history_is_compacted_to_its_window(tmp_path):
-    store = Store(str(tmp_path / "s"), history=5, sync=False)
+    store = Store(str(tmp_path / "s"), history=5, dedup_window=0, sync=False)
     committer = Committer(store)
     u = K.unit("s1", "A")
     try:
@@ -99,6 +99,34 @@ def test_history_is_compacted_to_its_window(tmp_path):
     finally:
         committer.stop()
         store.close()
+
+
+def test_futures_are_kept_for_the_dedup_window_whatever_the_count(tmp_path):
+    """A hot session commits far more than ``history`` versions while a retry is on its way: a future
+    younger than the window is still recognised, one older and beyond the count is forgotten."""
+    store = Store(str(tmp_path / "s"), history=5, dedup_window=60, sync=False)
+    committer = Committer(store)
+    u = K.unit("hot", "A")
+    now = time.time()
+    try:
+        for i in range(1, 41):  # 1..10 two minutes old, the rest just now
+            at = now - 120 if i <= 10 else now
+            assert _apply(committer, u, _one(i, i, f"f{i}", {"n": str(i).encode()}, at=at)) == ("ok", i, i)
+        assert [e["version"] for e in store.log(u)] == list(range(11, 41))
+        assert store.find_future("f10") is None and store.find_future("f11") is not None
+        for i in range(41, 49):  # an hour on: the rest leave too, a few per commit
+            assert _apply(committer, u, _one(i, i, f"f{i}", {"n": b"0"}, at=now + 3600))[0] == "ok"
+        assert [e["version"] for e in store.log(u)] == list(range(41, 49))
+        assert store.find_future("f40") is None and store.find_future("f41") is not None
+    finally:
+        committer.stop()
+        store.close()
+
+
+def test_a_bad_dedup_window_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("NALAR_STATE_DEDUP_WINDOW", "soon")
+    with pytest.raises(nalar.StateError, match="NALAR_STATE_DEDUP_WINDOW='soon': expected a number of seconds"):
+        Store(str(tmp_path / "s"), sync=False)
 
 
 def test_the_map_grows_and_a_full_store_is_a_clear_error(tmp_path):
@@ -640,3 +668,34 @@ def test_a_call_that_failed_its_deadline_saying_nothing_committed_has_no_effect(
     assert all(n == 1 for n in counts.values())  # nothing applied twice
     assert {t for t, o in outcome.items() if o == "ok"} <= set(final)  # nothing acknowledged lost
     assert set(final) <= {t for t, o in outcome.items() if o in ("ok", "unknown")}
+
+
+def test_a_retry_committed_elsewhere_while_the_call_waited_its_turn_is_answered_not_run_again(
+        start_node, client, nats_url, namespace):
+    """The same future on two nodes (a retry sent elsewhere): one attempt waits its unit's turn behind a
+    held call on nb, the other commits on na. nb's copy takes that commit while catching up for the held
+    call's lost race, before the waiting attempt's turn comes; the waiting attempt must then answer
+    with that commit's reply, not run on a base that already has its effect (its append would not be
+    fenced: the effect twice)."""
+    off = {"NALAR_SESSION_HOMES": "off"}
+    start_node("sample_actors:HeldNotes", name="na", env=off)
+    start_node("sample_actors:HeldNotes", name="nb", env=off)
+    other = nalar.connect(nats_url, namespace)
+    try:
+        for c, node in ((client, "nb"), (other, "na")):  # each client's calls go to one node's own subject
+            rt = c.runtime
+            rt.route = lambda actor, session, rt=rt, node=node: rt.subjects.call_at(actor, node)  # type: ignore[method-assign]
+        on_b = client.stub("HeldNotes").options(session="twice", timeout=60)
+        on_a = other.stub("HeldNotes").options(session="twice", timeout=60)
+        assert on_b.note("a").result(30) == 1  # nb knows the unit
+        held = on_b.hold("x")  # holds the unit's turn on nb
+        waiting = on_b.options(key="the-same-future").note("F")  # waits its turn behind it on nb
+        assert on_a.options(key="the-same-future").note("F").result(30) == 2  # the retry commits on na
+        assert client.stub("HeldNotes").release().result(30) is True
+        assert held.result(30) == 3  # fenced, caught up (F is in nb's copy now), ran again on v2
+        assert waiting.result(30) == 2  # F's own commit's reply: it did not run again
+        assert on_a.notes().result(30) == on_b.notes().result(30) == ["a", "F", "x"]
+        ids = [e["f"] for e in client.state_log("twice")["units"]["HeldNotes"]]
+        assert len(ids) == len(set(ids)) == 3
+    finally:
+        other.close()

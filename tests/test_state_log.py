@@ -86,11 +86,12 @@ class Peer:
 async def peers(nats_url: str, namespace: str, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     opened: list[Peer] = []
 
-    async def open_peer(name: str, max_message: int | None = None, history: int = 1000) -> Peer:
+    async def open_peer(name: str, max_message: int | None = None, history: int = 1000,
+                        dedup_window: float = 120.0) -> Peer:
         t = NatsTransport(await open_connection(ConnectOptions.resolve(nats_url, name=name)))
         try:
             log = await JetStreamLog.open(t.jetstream(), t.nc, namespace)
-            store = Store(str(tmp_path / name), sync=False, history=history)
+            store = Store(str(tmp_path / name), sync=False, history=history, dedup_window=dedup_window)
         except BaseException:
             await t.close()
             raise
@@ -307,7 +308,7 @@ async def test_futures_a_snapshot_brings_are_compacted_to_the_window(peers, monk
     a = await peers("a")
     u = K.unit("leak", "A")
     await _hop(a, u, range(30))
-    b = await peers("b", history=5)
+    b = await peers("b", history=5, dedup_window=0)
     await b.sync.catch_up(u)
     for i in range(30, 40):
         await b.call(u, _append("l", i), fid=f"h{i}")

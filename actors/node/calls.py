@@ -224,7 +224,9 @@ class StateGate(Protocol):
 
     def admit(self, c: Call) -> None: ...
 
-    def begin(self, c: Call) -> Txn: ...
+    def begin(self, c: Call) -> Txn | None:
+        """The transaction ``c`` runs in; ``None`` if its future is already committed in this copy (another
+        attempt's, since it was admitted): then it must not run, and the gate answers it."""
 
     def commit(self, c: Call, changes: list[tuple[Change, bytes]], body: bytes,
                done: Callable[[Call, Any, bytes], None]) -> None: ...

@@ -54,6 +54,12 @@ class Executor(BatchRuns, Preemption):
     def dispatch(self, inst: Instance, c: Call) -> None:
         """Start ``c`` on ``inst`` (the scheduler's ``start``); a batchable call joins a batch instead."""
         g = inst.group
+        if c.unit and self.state is not None:
+            c.txn = self.state.begin(c)
+            if c.txn is None:  # another attempt of it committed while it waited its turn: answered
+                if c.qspan is not None:
+                    spans.dequeued(c)
+                return
         if c.method in g.batched:
             self._bind(inst, c)
             if self.batcher.add(inst, c):
@@ -62,8 +68,6 @@ class Executor(BatchRuns, Preemption):
         inst.running += 1
         if c.cost > 0:
             inst.spent += c.cost
-        if c.unit and self.state is not None:
-            c.txn = self.state.begin(c)
         self._bind(inst, c)
         if g.hints.preemptable:
             self._running.setdefault(g.name, set()).add(c)

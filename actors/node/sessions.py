@@ -209,9 +209,35 @@ class Sessions:
         return [c for c in out if not c.done]
 
     # -- commit -----------------------------------------------------------------------------------
-    def begin(self, c: Call) -> Txn:
-        """The transaction ``c``'s managed objects read and write through (on the copy as it is now)."""
-        return Txn(self.store, c.unit)
+    def begin(self, c: Call) -> Txn | None:
+        """The transaction ``c``'s managed objects read and write through (on the copy as it is now);
+        ``None`` if the copy already holds ``c``'s own commit, so it must not run again.
+
+        Checked here, where the call's base is taken, and not only at admission: another attempt of
+        the same future (a retry sent to another node) may commit while this one waits its turn, and
+        the copy may take that commit (a catch-up after another call's lost race) before the turn
+        comes. The call would then run on a base that already has its effect, and its append would
+        not be fenced: the effect twice. Answered soon, with that commit's reply, not from inside the
+        scheduler's start.
+        """
+        try:
+            prior = self.store.find_future(c.id)
+        except StateError as e:
+            asyncio.get_running_loop().call_soon(self._answer_prior, c, None, str(e))
+            return None
+        if prior is None:
+            return Txn(self.store, c.unit)
+        self.counts["answered_from_log"] += 1
+        asyncio.get_running_loop().call_soon(self._answer_prior, c, prior[1], "")
+        return None
+
+    def _answer_prior(self, c: Call, reply: bytes | None, error: str) -> None:
+        if c.done:
+            return
+        if reply is None:
+            self.answer.fail(c, StateError, error)
+        else:
+            self.answer.respond(c, True, reply)
 
     def commit(self, c: Call, changes: list[tuple[Change, bytes]], body: bytes, done: Done) -> None:
         """Append ``c``'s changes to its unit's log, apply them here; then ``done(c, outcome, body)``.
