@@ -17,7 +17,7 @@ class CallScope:
     """One executing call, as the calls it makes see it (Trio's cancel scope, for nalar calls)."""
 
     __slots__ = ("id", "request", "session", "priority", "deadline", "stage", "born", "actor", "holds_unit",
-                 "otel_ctx", "children", "closed", "preemptions")
+                 "otel_ctx", "children", "closed", "preemptions", "svc_base", "svc")
 
     id: str
     """The executing call's future id: the parent of the calls it makes."""
@@ -47,10 +47,16 @@ class CallScope:
     preemptions: int
     """How many times the node preempted it before this run (``nalar.preemptions()``): a method that
     saves its progress can resume from it."""
+    svc_base: int
+    """The service its program had received when it was called, µs (``Nalar-Svc``)."""
+    svc: int
+    """The program's service along its critical path so far: ``svc_base``, then, as each child answers,
+    the most of (the child's ``svc`` when sent + the service its subtree reports). Sequential children
+    add up; children run side by side count as the longest. What its own children carry."""
 
     def __init__(self, id: str, request: str, session: str | None, priority: int, deadline: float, stage: int,
                  born: int, actor: str, holds_unit: bool, otel_ctx: Any,
-                 children: list[Future[Any]] | None = None, closed: bool = False) -> None:
+                 children: list[Future[Any]] | None = None, closed: bool = False, svc: int = 0) -> None:
         self.id = id
         self.request = request
         self.session = session
@@ -64,6 +70,7 @@ class CallScope:
         self.children = children
         self.closed = closed
         self.preemptions = 0
+        self.svc_base = self.svc = svc
 
 
 #: The scope of the executing call, or ``None`` outside a call.

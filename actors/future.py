@@ -36,7 +36,7 @@ class Future(pykka.Future, Generic[T]):
     """
 
     __slots__ = ("id", "actor", "method", "_state", "_value", "_callbacks", "_event", "_runtime",
-                 "_span", "_wk", "_retry", "_items", "_get_hook", "_get_hook_result")
+                 "_span", "_wk", "_retry", "_items", "_get_hook", "_get_hook_result", "_svc")
 
     def __init__(self, id: str = "", actor: str = "", method: str = "", runtime: Any = None) -> None:
         self._get_hook = None
@@ -53,6 +53,7 @@ class Future(pykka.Future, Generic[T]):
         self._wk = 0  # the runtime's deadline-wheel key while armed
         self._retry: Any = None  # the runtime's retry state, for calls it may re-send
         self._items: Any = None  # a streaming call's items not read yet (``stream.Items``)
+        self._svc: Any = None  # (calling scope, its program's service when sent): program-level scheduling
 
     def __repr__(self) -> str:
         state = ("pending", "done", "failed")[self._state]

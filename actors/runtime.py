@@ -495,7 +495,11 @@ class Runtime:
         now = time.time()
         deadline = now + (check_timeout(timeout) if timeout is not None else self.default_timeout)
         if scope is not None:
-            return self._child_meta(fut, scope, session, deadline, priority, retries, traced, now)
+            m = self._child_meta(fut, scope, session, deadline, priority, retries, traced, now)
+            if m is not None and self.table.order:  # program-level scheduling: its program's service so far
+                m.svc = scope.svc
+                fut._svc = (scope, scope.svc)
+            return m
         return env.CallMeta(fut.id, "", _session_id(session), None, deadline, int(priority) if priority else 0,
                             0 if retries else -1, 0, int(now * 1_000_000), None,
                             _TRACEPARENT_SIZED if traced else None)
@@ -669,6 +673,8 @@ class Runtime:
             except MalformedMessage:
                 self.count_malformed("reply")
             return
+        if fut._svc is not None and headers:
+            _served(fut, headers.get(env.H_SVC))
         r = fut._retry
         if not data and headers and headers.get(STATUS_HEADER) == NO_RESPONDERS:
             if r is not None and r.subject != self.subjects.call(fut.actor):  # its routed node is gone
@@ -1029,3 +1035,17 @@ class _CallEncoder(env.Encoder):
             return mark
         return super().__call__(obj)
 
+
+def _served(fut: Future[Any], raw: str | None) -> None:
+    """A child answered with the service its subtree received: its caller's program has had that much
+    more along this path (``CallScope.svc``)."""
+    if raw is None:
+        return
+    try:
+        got = env.parse_svc(raw)
+    except ValueError:
+        return  # a node of another version, or garbage: the order only loses precision
+    scope, base = fut._svc
+    fut._svc = None
+    if base + got > scope.svc:
+        scope.svc = min(env.MAX_SVC, base + got)

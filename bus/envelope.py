@@ -35,6 +35,11 @@ H_FWD = "Nalar-Fwd"  # the node that forwarded it (a call is forwarded at most o
 H_BORN = "Nalar-Born"  # when its request (the root call) started, Unix µs: queues serve older requests first
 H_CHUNK = "Nalar-Chunk"  # on a reply: one item of a streaming call, and its place (0, 1, ...) in the stream
 H_STREAM = "Nalar-Stream"  # on a streaming call's last reply (its value: how many items it sent)
+#: On a call: the service its program (request) had received when it was sent, along its critical path,
+#: µs. On a reply: the service the call's own subtree received. Program-level scheduling (``order``).
+H_SVC = "Nalar-Svc"
+#: A Nalar-Svc above this (about 31 years in µs) is malformed.
+MAX_SVC = 1 << 50
 
 MAX_ID_LEN = 128
 MAX_SESSION_LEN = 256
@@ -216,7 +221,7 @@ class CallMeta:
     """What a call's headers carry: written by the caller's runtime, read (and forwarded) by nodes."""
 
     __slots__ = ("id", "request", "session", "parent", "deadline", "priority", "attempt", "stage", "born",
-                 "fwd", "traceparent")
+                 "fwd", "traceparent", "svc")
 
     id: str
     """The future id (``Nalar-Id``): a retry keeps it, so the executor answers it once."""
@@ -240,10 +245,13 @@ class CallMeta:
     """The node that forwarded it (``Nalar-Fwd``): a call is forwarded at most once."""
     traceparent: str | None
     """W3C trace context of the caller's span (``traceparent``)."""
+    svc: int
+    """The service its program had received when it was sent, µs (``Nalar-Svc``; 0: none, or not
+    measured): queues under an ``order`` decision serve the least-served programs first."""
 
     def __init__(self, id: str, request: str = "", session: str | None = None, parent: str | None = None,
                  deadline: float = 0.0, priority: int = 0, attempt: int = -1, stage: int = 0, born: int = 0,
-                 fwd: str | None = None, traceparent: str | None = None) -> None:
+                 fwd: str | None = None, traceparent: str | None = None, svc: int = 0) -> None:
         self.id = id
         self.request = request
         self.session = session
@@ -255,6 +263,7 @@ class CallMeta:
         self.born = born
         self.fwd = fwd
         self.traceparent = traceparent
+        self.svc = svc
 
     def to_headers(self) -> dict[str, str]:
         """The headers, leaving out fields at their defaults (``from_headers`` restores them)."""
@@ -281,6 +290,8 @@ class CallMeta:
             h[H_FWD] = self.fwd
         if self.traceparent is not None:
             h[H_TRACEPARENT] = self.traceparent
+        if self.svc:
+            h[H_SVC] = str(self.svc)
         return h
 
     @classmethod
@@ -298,8 +309,12 @@ class CallMeta:
             m = cls(fid, headers.get(H_REQ) or fid, headers.get(H_SESSION), headers.get(H_PARENT), deadline,
                     int(p) if p else 0, int(a) if a else -1, int(st) if st else 0, int(b) if b else 0,
                     headers.get(H_FWD), headers.get(H_TRACEPARENT))
+            sv = headers.get(H_SVC)
+            if sv:
+                m.svc = parse_svc(sv)
         except ValueError:
-            raise MalformedMessage("call has a non-numeric deadline, priority, attempt, stage or born header") from None
+            raise MalformedMessage("call has a non-numeric deadline, priority, attempt, stage, born or svc "
+                                   "header, or a Nalar-Svc out of range") from None
         if not math.isfinite(deadline) or deadline < 0:
             raise MalformedMessage("call has a deadline that is not a finite Unix time")
         if (len(m.request) > MAX_ID_LEN or (m.parent is not None and len(m.parent) > MAX_ID_LEN)
@@ -313,6 +328,14 @@ class CallMeta:
         if m.session is not None and CONTROL_CHARS.search(m.session):
             raise MalformedMessage("call has a Nalar-Session with a control character in it")
         return m
+
+
+def parse_svc(raw: str) -> int:
+    """A ``Nalar-Svc`` value: µs, 0 to ``MAX_SVC``; ``ValueError`` otherwise."""
+    v = int(raw)
+    if not 0 <= v <= MAX_SVC:
+        raise ValueError(raw)
+    return v
 
 
 class CallMessage:

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from ..bus.errors import MalformedMessage
 from ..actors.resources import Amounts, add, check_amounts, free_of, no_room
 from ..actors.control import (Affinity, DecisionTable, Home, InstanceAt, InstanceRow, Migrate, Op,
-                              Priority, Route, Scale, Sticky, WaitingRow, Weights)
+                              Order, Priority, Route, Scale, Sticky, WaitingRow, Weights)
 
 
 @dataclass
@@ -222,6 +222,20 @@ class Actions:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise ValueError("a priority is an int (higher runs first)")
         self.ops.append(Priority(str(session), value, actor))
+
+    def order(self, actor: str, weight: float | None, bound: float = 30.0) -> None:
+        """Program-level scheduling at ``actor`` (``"*"``: every actor): among calls of one priority,
+        the call whose program has received the least service so far goes first, as if its request
+        had started ``weight`` times that service later, at most ``bound`` seconds later (the
+        anti-starvation bound). ``weight=None`` ends it."""
+        for v, what in ((weight, "weight"), (bound, "bound")):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ValueError(f"order(actor, weight, bound): {what} must be a number")
+        if weight is not None and not 0 < weight <= 1e6:
+            raise ValueError("order(actor, weight, bound): weight in (0, 1e6], or None to end it")
+        if not 0 <= bound <= 1e6:
+            raise ValueError("order(actor, weight, bound): bound in [0, 1e6] seconds")
+        self.ops.append(Order(str(actor), None if weight is None else float(weight), float(bound)))
 
     def sticky(self, actor: str, instances: list[str] | None) -> None:
         """Static binding, as frameworks without a global scheduler do: each session's calls to

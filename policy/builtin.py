@@ -12,6 +12,8 @@ name               what it does
                    least-loaded instance; a session moves when it waits long while another has room
 ``sticky``         the baseline: sessions pinned to an instance by hash, others round-robin, FCFS
 ``proportional``   shares a node's model slots between model actors in proportion to their demand
+``plas``           program-level scheduling: the least-served program first (Autellix's PLAS/ATLAS),
+                   with an anti-starvation bound
 =================  ===========================================================================
 """
 from __future__ import annotations
@@ -278,6 +280,28 @@ class Sticky(Policy):
                 act.sticky(actor.name, live)
 
 
+class PLAS(Policy):
+    """Program-level attained service: each actor's queue serves first the calls of the programs that
+    have received the least service so far, measured along the critical path of their calls (so a
+    program that fans out counts its longest branch, as ATLAS does), among calls of one priority.
+
+    Short programs then overtake long ones (at a shared model pool, a router's chat turn is not stuck
+    behind a coding agent's fifth call), and a program's later calls do not queue behind every new
+    program's first one forever: a call is ordered as if its request had started ``weight`` times its
+    program's service later, never more than ``bound`` seconds later. It composes with the policies
+    that set priorities (``srtf``, ``lpt``): they decide first, it orders within a priority."""
+
+    name = "plas"
+
+    def __init__(self, weight: float = 1.0, bound: float = 30.0, actor: str = "*") -> None:
+        self.weight = weight
+        self.bound = bound
+        self.actor = actor
+
+    def decide(self, view: View, act: Actions) -> None:
+        act.order(self.actor, self.weight, self.bound)  # (an op the table already holds is dropped)
+
+
 BUILTIN: dict[str, type[Policy]] = {p.name: p for p in (LoadBalance, HeadOfLine, Reassign, SRTF, LPT, CacheAffinity,
-                                                       Proportional, Sticky)}
+                                                       Proportional, Sticky, PLAS)}
 DEFAULT = ("balance", "head-of-line", "affinity")

@@ -522,3 +522,28 @@ class HeldNotes(nalar.Agent):
 
     async def notes(self) -> list[str]:
         return list(nalar.managed_list("notes"))
+
+
+@nalar.hints(max_concurrency=None)
+class Work(nalar.Tool):
+    """Runs ``ms`` milliseconds; answers the service its program had received when it was called (µs)."""
+
+    async def work(self, ms: float) -> int:
+        from nalar.actors.context import current_scope
+
+        scope = current_scope.get()
+        await asyncio.sleep(ms / 1000)
+        return scope.svc_base if scope is not None else -1
+
+
+class Program(nalar.Agent):
+    """A program of ``Work`` calls: one after another (``chain``), or side by side then one more (``fan``)."""
+
+    work = nalar.stub(Work)
+
+    async def chain(self, ms: list[float]) -> list[int]:
+        return [await self.work.work(x) for x in ms]
+
+    async def fan(self, ms: list[float]) -> int:
+        await asyncio.gather(*(self.work.work(x) for x in ms))
+        return int(await self.work.work(0))

@@ -558,3 +558,21 @@ def test_a_malformed_decision_batch_is_counted_and_hurts_no_node(start_node, cli
     ctl = Ctl(client, [A, B])
     ctl.round(lambda v, act: act.route("s", "Pin", f"Pin-{A}-0"))
     assert {client.stub("Pin").options(session="s").where().result(30) for _ in range(5)} == {f"Pin-{A}-0"}
+
+
+def test_an_order_decision_carries_each_programs_service_along_its_critical_path(start_node, client):
+    """Program-level scheduling (``plas``): a call carries what its program received so far, summed over
+    calls made one after another and the longest of calls made side by side (ATLAS's critical path)."""
+    start_node("sample_actors:Program", "sample_actors:Work", name=A)
+    ctl = Ctl(client, [A])
+    prog = client.stub("Program")
+    assert prog.chain([30, 30, 30]).result(30) == [0, 0, 0]  # no decision: nothing measured, nothing sent
+    ctl.round(lambda v, act: act.order("*", 1.0, 30.0))
+    seen = prog.chain([60, 60, 60]).result(30)
+    assert seen[0] == 0 and 60_000 <= seen[1] < seen[2] and 120_000 <= seen[2] < 1_000_000, seen
+    last = prog.fan([150, 60, 20]).result(30)  # the longest branch, not the sum (230 ms)
+    assert 150_000 <= last < 225_000, last
+    assert node_status(client, A)["decisions"]["order"] == {"*": {"weight": 1.0, "bound_s": 30.0}}
+    ctl.round(lambda v, act: act.order("*", None))
+    assert prog.chain([30, 30]).result(30) == [0, 0]
+    ctl.stop()

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from nalar import MalformedMessage
-from nalar.actors.control import (KINDS, Affinity, DecisionTable, Home, InstanceAt, InstanceRow, Migrate, Op, Priority,
-                                  Route, Scale, Sticky, WaitingRow, Weights, op_from_wire)
+from nalar.actors.control import (KINDS, Affinity, DecisionTable, Home, InstanceAt, InstanceRow, Migrate, Op, Order,
+                                  Priority, Route, Scale, Sticky, WaitingRow, Weights, op_from_wire)
 from nalar.policy import Actions, InstanceView, View
 
 GOOD = [
@@ -33,6 +33,9 @@ BAD = [
     ["scale", "n", "P", -1, []], ["scale", "n", "P", True, []], ["scale", "n", "P", 1.0, []],
     ["scale", "n", "P", 1, "P-n-0"], ["scale", "n", "P", 1, [3]], ["scale", "n", "P", 1],
     ["instance", "i"], ["instance", "i", 5], ["instance", "", "n"],
+    ["order", "*", 0, 30], ["order", "*", -1, 30], ["order", "*", True, 30], ["order", "*", 1, -1],
+    ["order", "*", 1, None], ["order", "*", "1", 30], ["order", "", 1, 30], ["order", "*", 1],
+    ["order", "*", float("nan"), 30], ["order", "*", 1, float("inf")],
 ]
 
 
@@ -351,6 +354,7 @@ EXAMPLES = [  # (wire form, typed op, what it sets in an empty table)
     (["sticky", "P", ["P-a-0", "P-b-0"]], Sticky("P", ["P-a-0", "P-b-0"]),
      lambda t: t.sticky == {"P": ["P-a-0", "P-b-0"]}),
     (["home", "P", ["P-a-0"]], Home("P", ["P-a-0"]), lambda t: t.home == {"P": ["P-a-0"]}),
+    (["order", "*", 2.0, 30.0], Order("*", 2.0, 30.0), lambda t: t.order == {"*": (2.0, 30.0)}),
 ]
 
 

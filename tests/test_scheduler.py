@@ -235,3 +235,46 @@ def test_unqueue_takes_a_call_out_and_first_reports_the_head_of_every_queue() ->
     assert heads == ["routed", "q0", "q2"]
     assert [e[2].id for e in heap_top(r.g.heap, 10)] == ["q0", "q2", "q3", "q4"]
     assert [c.id for c in r.sched.session_calls(r.g, "s")] == ["routed"]
+
+
+def test_program_order_serves_the_least_served_program_first_within_its_bound() -> None:
+    """``order``: a call queues as if its request started weight x its program's service later, at most
+    ``bound`` later; priority still comes first, and without the decision service is ignored."""
+    s = 1_000_000  # µs
+    r = Rig(Echo)
+    r.sched.enqueue(r.call("busy"))
+    r.sched.enqueue(r.call("served-3s", born=10 * s, svc=3 * s))
+    r.sched.enqueue(r.call("fresh", born=12 * s))
+    for fid in ["busy", "served-3s"]:
+        r.finish(r.calls[fid])
+    assert r.order() == ["busy", "served-3s", "fresh"]  # no order decision: the older request first
+
+    r = Rig(Echo)
+    r.decide(["order", "*", 1.0, 5.0])
+    r.sched.enqueue(r.call("busy"))
+    r.sched.enqueue(r.call("served-3s", born=10 * s, svc=3 * s))  # as if born at 13 s
+    r.sched.enqueue(r.call("fresh", born=12 * s))
+    r.sched.enqueue(r.call("served-1h", born=1 * s, svc=3600 * s))  # bounded: as if born at 6 s
+    r.sched.enqueue(r.call("urgent", born=20 * s, svc=60 * s, priority=1))
+    r.sched.enqueue(r.call("fresh-later", born=13 * s + 1))
+    for fid in ["busy", "urgent", "served-1h", "fresh", "served-3s"]:
+        r.finish(r.calls[fid])
+    assert r.order() == ["busy", "urgent", "served-1h", "fresh", "served-3s", "fresh-later"]
+
+    r.decide(["order", "*", None, 0])  # ended: request age again
+    assert r.table.ordering(r.g.name) is None
+    r.finish(r.calls["fresh-later"])
+    r.sched.enqueue(r.call("busy2"))
+    r.sched.enqueue(r.call("served", born=10 * s, svc=3 * s))
+    r.sched.enqueue(r.call("new", born=12 * s))
+    r.finish(r.calls["busy2"])
+    assert r.order()[-2:] == ["busy2", "served"]
+
+
+def test_an_order_for_one_actor_wins_over_the_one_for_every_actor() -> None:
+    r = Rig(Echo)
+    r.decide(["order", "*", 1.0, 30.0], ["order", r.g.name, 10.0, 60.0])
+    assert r.table.ordering(r.g.name) == (10.0, 60.0)
+    assert r.table.ordering("Other") == (1.0, 30.0)
+    assert r.table.summary()["order"] == {"*": {"weight": 1.0, "bound_s": 30.0},
+                                          r.g.name: {"weight": 10.0, "bound_s": 60.0}}

@@ -41,10 +41,14 @@ op                                                       meaning
                                                          its id hashes to (rendezvous hashing: adding
                                                          or removing one instance moves only the
                                                          sessions it gains or loses)
+``["order", actor|"*", weight|null, bound]``             program-level scheduling: among calls of one
+                                                         priority, the least-served program first, as
+                                                         if its request started ``weight`` x its
+                                                         service later, at most ``bound`` s later
 =======================================================  =============================================
 """
-from .ops import KINDS, OPS, Affinity, Home, InstanceAt, Migrate, Op, Priority, Route, Scale, Sticky, Weights, \
-    op_from_wire
+from .ops import KINDS, OPS, Affinity, Home, InstanceAt, Migrate, Op, Order, Priority, Route, Scale, Sticky, \
+    Weights, op_from_wire
 from .checks import MAX_VERSION_JUMP, Refusals, max_instances_per_node
 from .rows import ActorMetrics, InstanceRow, NodeMetrics, WaitingRow
 from .table import MAX_SESSION_ROUTES, DecisionTable, home_of
@@ -52,6 +56,6 @@ from .term import TermGate, term_of
 
 __all__ = [
     "ActorMetrics", "Affinity", "DecisionTable", "Home", "InstanceAt", "InstanceRow", "KINDS", "MAX_SESSION_ROUTES",
-    "MAX_VERSION_JUMP", "Migrate", "NodeMetrics", "OPS", "Op", "Priority", "Refusals", "Route", "Scale", "Sticky",
+    "MAX_VERSION_JUMP", "Migrate", "NodeMetrics", "OPS", "Op", "Order", "Priority", "Refusals", "Route", "Scale", "Sticky",
     "TermGate", "WaitingRow", "Weights", "home_of", "max_instances_per_node", "op_from_wire", "term_of",
 ]

@@ -34,6 +34,7 @@ class Tables(Protocol):
     scale: dict[str, dict[str, tuple[int, list[str]]]]
     sticky: dict[str, list[str]]
     home: dict[str, list[str]]
+    order: dict[str, tuple[float, float]]
 
     def set_session_route(self, table: dict[str, dict[str, str]], session: str, actor: str,
                           instance: str | None) -> None: ...
@@ -229,6 +230,59 @@ class Priority:
 
 
 @dataclass(frozen=True, slots=True)
+class Order:
+    """Program-level scheduling at ``actor`` (``"*"``: every actor): among calls of one priority, the
+    queue serves first the call whose program (its request) has received the least service so far,
+    along its critical path (Autellix's PLAS, and ATLAS for programs that fan out).
+
+    A call is queued as if its request had started ``weight`` times its program's service later
+    than it did, but never more than ``bound`` seconds later: the anti-starvation bound. No call waits
+    behind a call of a request that started more than ``bound`` seconds after its own.
+    """
+
+    actor: str
+    """The actor whose queues it orders, or ``"*"``."""
+    weight: float | None
+    """Seconds of queue position per second of service; ``None`` ends the order (first come, first
+    served by request again)."""
+    bound: float
+    """The anti-starvation bound, seconds (>= 0)."""
+
+    KIND: ClassVar[str] = "order"
+
+    @classmethod
+    def from_wire(cls, raw: list[Any]) -> Self:
+        _, actor, weight, bound = _shape(cls.KIND, raw, 4)
+        _str(actor, "actor")
+        if weight is not None and (not _number(weight) or not 0 < weight <= 1e6):
+            raise MalformedMessage("order weight must be a number in (0, 1e6], or null")
+        if not _number(bound) or not 0 <= bound <= 1e6:
+            raise MalformedMessage("order bound must be a number of seconds in [0, 1e6]")
+        return cls(actor, None if weight is None else float(weight), float(bound))
+
+    def to_wire(self) -> list[Any]:
+        return [self.KIND, self.actor, self.weight, self.bound]
+
+    def apply(self, table: Tables) -> None:
+        if self.weight is None:
+            table.order.pop(self.actor, None)
+        else:
+            table.order[self.actor] = (self.weight, self.bound)
+
+    def unchanged(self, table: Tables) -> bool:
+        cur = table.order.get(self.actor)
+        return (cur is None) if self.weight is None else cur == (self.weight, self.bound)
+
+    @classmethod
+    def in_force(cls, table: Tables) -> list[Self]:
+        return [cls(a, w, b) for a, (w, b) in table.order.items()]
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+@dataclass(frozen=True, slots=True)
 class Migrate:
     """Move a session's queued calls (and, for a stateful actor, its state) from ``src`` to ``dst``.
 
@@ -420,10 +474,10 @@ class Home(_Binding):
         return table.home
 
 
-Op = Union[Route, Affinity, Weights, Priority, Migrate, Scale, InstanceAt, Sticky, Home]
+Op = Union[Route, Affinity, Weights, Priority, Migrate, Scale, InstanceAt, Sticky, Home, Order]
 #: Op classes by wire name.
 KINDS: dict[str, type[Op]] = {c.KIND: c for c in (Route, Affinity, Weights, Priority, Migrate, Scale, InstanceAt,
-                                                   Sticky, Home)}
+                                                   Sticky, Home, Order)}
 OPS = tuple(KINDS)
 
 

@@ -21,12 +21,12 @@ import zlib
 from typing import Any
 
 from ...bus.errors import MalformedMessage
-from .ops import Affinity, Home, InstanceAt, Op, Priority, Route, Scale, Sticky, Weights, op_from_wire
+from .ops import Affinity, Home, InstanceAt, Op, Order, Priority, Route, Scale, Sticky, Weights, op_from_wire
 
 #: Session routes (hard and soft) kept at most, per table; the oldest go first. A bound, not a target.
 MAX_SESSION_ROUTES = 200_000
 #: The kinds of state a snapshot rebuilds, in the order it lists them.
-STATE = (InstanceAt, Route, Affinity, Weights, Sticky, Home, Priority, Scale)
+STATE = (InstanceAt, Route, Affinity, Weights, Sticky, Home, Priority, Scale, Order)
 #: The kinds of state a node enforces beyond reading the table (re-weighted or re-ordered queues,
 #: instance counts): a full snapshot that leaves one out clears it, so that enforcement undoes it too.
 ENFORCED = (Weights, Sticky, Home, Priority, Scale)
@@ -46,6 +46,7 @@ class DecisionTable:
         self.scale: dict[str, dict[str, tuple[int, list[str]]]] = {}  # node -> actor -> (count, drain)
         self.sticky: dict[str, list[str]] = {}  # actor -> instances sessions hash onto (baseline binding)
         self.home: dict[str, list[str]] = {}  # actor -> instances sessions hash onto, softly
+        self.order: dict[str, tuple[float, float]] = {}  # actor or "*" -> (weight, bound s): program-level order
         self._rr: dict[str, int] = {}  # actor -> round-robin counter for unsessioned sticky calls
         self._node_pick: dict[str, tuple[list[str], list[float]]] = {}  # actor -> nodes, cumulative weights
         self.active = False  # anything that changes where a call goes?
@@ -181,6 +182,14 @@ class DecisionTable:
         n = self._rr[actor] = self._rr.get(actor, -1) + 1
         return insts[n % len(insts)]
 
+    def ordering(self, actor: str) -> tuple[float, float] | None:
+        """``actor``'s program-level order (``Order``): (weight, bound in seconds), or ``None``."""
+        o = self.order
+        if not o:
+            return None
+        got = o.get(actor)
+        return got if got is not None else o.get("*")
+
     def priority(self, session: str | None, actor: str, default: int) -> int:
         if session is None or not self.priorities:
             return default
@@ -207,6 +216,7 @@ class DecisionTable:
             "affinity_routes": {a: len(p) for a, p in self.affinity.items() if p},
             "weights": self.weights,
             "sticky": self.sticky,
+            "order": {a: {"weight": w, "bound_s": b} for a, (w, b) in self.order.items()},
             "home": self.home,
             "priorities": len(self.priorities),
             "scale": {n: {a: c for a, (c, _) in per.items()} for n, per in self.scale.items() if per},

@@ -89,7 +89,7 @@ class Executor(BatchRuns, Preemption):
         c.data = None  # it will not be forwarded now: do not keep its bytes while it runs
         if c.scope is None:  # a re-run (its commit lost a race) keeps its scope: one call, one set of children
             c.scope = CallScope(m.id, m.request, m.session, m.priority, m.deadline, m.stage, m.born, g.name,
-                                bool(c.unit), c.otel_ctx)
+                                bool(c.unit), c.otel_ctx, svc=m.svc)
         if c.arrived:
             c.started = g.waited(c.arrived)
         if m.session is not None and g.kind == "model":
@@ -314,6 +314,8 @@ class Executor(BatchRuns, Preemption):
             g.count_error(value)
             faillog.failed(g.name, c.method, c.meta, value if isinstance(value, dict) else None, book.name)
         headers = {env.H_ID: c.id}
+        if self.rt.table.order:  # program-level scheduling: the service this call's subtree received
+            headers[env.H_SVC] = str(service_of(c))
         if ok and c.method in g.streams:
             headers[env.H_STREAM] = "end"  # the value is the count: the caller checks it got them all
         if c.reply:
@@ -384,3 +386,11 @@ class Executor(BatchRuns, Preemption):
                 self.book.counters["cancelled"] += 1
                 self.abort(c, Cancelled, "cancelled by its caller")
 
+
+def service_of(c: Call) -> int:
+    """The service ``c``'s subtree received, µs: along its children's critical path if it made any
+    (its own time then is mostly waiting for them), else its run time on its instance."""
+    scope = c.scope
+    if scope is not None and scope.svc > scope.svc_base:
+        return min(env.MAX_SVC, scope.svc - scope.svc_base)
+    return int((time.monotonic() - c.started) * 1_000_000) if c.started else 0

@@ -86,13 +86,21 @@ class Scheduler:
 
         The key is when its request started, then its arrival here: among equals, an older request's
         call goes first, so a request's later stages do not queue again behind newer requests' first
-        ones (FCFS by request, not by call). Under ``sticky`` (the baseline's binding) it is arrival
-        alone: plain FIFO.
+        ones (FCFS by request, not by call). Under an ``order`` decision the request's start moves later
+        by its program's service so far, weighted and bounded (``control.ops.Order``): the least-served
+        program first. Under ``sticky`` (the baseline's binding) it is arrival alone: plain FIFO.
         """
         g = c.group
         if key is None:
             self._seq += 1
-            born = 0 if g.name in self.table.sticky else (c.meta.born or int(time.time() * 1_000_000))
+            table = self.table
+            if g.name in table.sticky:
+                born = 0
+            else:
+                born = c.meta.born or int(time.time() * 1_000_000)
+                o = table.ordering(g.name) if table.order else None
+                if o is not None and c.meta.svc:  # program-level: as if its request started that much later
+                    born += int(min(o[0] * c.meta.svc, o[1] * 1_000_000))
             key = (born, self._seq)
         e = [-self.table.priority(c.meta.session, g.name, c.meta.priority), key, c]
         c.entry = e
