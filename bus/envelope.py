@@ -332,6 +332,8 @@ class CallMeta:
 
 def parse_svc(raw: str) -> int:
     """A ``Nalar-Svc`` value: µs, 0 to ``MAX_SVC``; ``ValueError`` otherwise."""
+    if len(raw) > 20:  # (bounded, as every header a node sends on)
+        raise ValueError(raw)
     v = int(raw)
     if not 0 <= v <= MAX_SVC:
         raise ValueError(raw)

@@ -353,6 +353,9 @@ def _print_decisions(d: dict[str, Any]) -> None:
         print(f"    sticky {actor}: sessions hashed onto {len(insts)} instances, others round-robin")
     for actor, insts in sorted(d.get("home", {}).items()):
         print(f"    home {actor}: new sessions hashed onto {len(insts)} instances (soft)")
+    for actor, o in sorted(d.get("order", {}).items()):
+        print(f"    order {actor}: least-served program first (x{o['weight']:g} its service, at most "
+              f"{o['bound_s']:g} s later)")
     for kind in ("session_routes", "affinity_routes"):
         for actor, n in sorted(d.get(kind, {}).items()):
             print(f"    {kind.replace('_', ' ')} {actor}: {n} sessions")

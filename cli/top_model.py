@@ -149,6 +149,9 @@ def decision_lines(d: dict[str, Any]) -> list[str]:
         for actor, insts in sorted(_dict(d.get(kind)).items()):
             n = len(insts) if isinstance(insts, (list, dict)) else 0
             out.append(f"{kind} {actor}: {n} instance{'s' if n != 1 else ''}")
+    for actor, o in sorted(_dict(d.get("order")).items()):
+        o = _dict(o)
+        out.append(f"order {actor}: least-served first, x{_num(o.get('weight')) or 0:g} <= {_num(o.get('bound_s')) or 0:g} s")
     for kind, word in (("session_routes", "routes"), ("affinity_routes", "affinity")):
         for actor, v in sorted(_dict(d.get(kind)).items()):
             k = _int(v) or 0

@@ -58,6 +58,8 @@ def test_bench_drives_a_workload_and_calls_through_the_gateway(tmp_path: Path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     last = json.loads(p.stdout.strip().splitlines()[-1])
     assert last["http_rps"] > 0 and last["http_p50_us"] > 0 and "gateway_overhead_p50_us" in last, last
+    assert last["raw_rps"] > 0 and last["json_rps"] > 0 and last["ratio_json"] > 0 and last["sync_ratio_json"] > 0, last
+    assert "raw nats-py + orjson decode/encode" in p.stdout
     assert "gateway overhead per request at p50" in p.stdout
 
 

@@ -20,11 +20,12 @@ from nalar.actors.runtime import Runtime
 
 def test_call_meta_round_trips_through_headers() -> None:
     m = env.CallMeta("p-1", "root", "s1", "p-0", 1234.5678, 3, 2, 4, 1_700_000_000_000_000, "node-a",
-                     "00-" + "1" * 32 + "-" + "2" * 16 + "-01")
+                     "00-" + "1" * 32 + "-" + "2" * 16 + "-01", 1_500_000)
     h = m.to_headers()
     assert h == {env.H_ID: "p-1", env.H_REQ: "root", env.H_SESSION: "s1", env.H_PARENT: "p-0",
                  env.H_DEADLINE: "1234.568", env.H_PRIORITY: "3", env.H_ATTEMPT: "2", env.H_STAGE: "4",
-                 env.H_BORN: "1700000000000000", env.H_FWD: "node-a", env.H_TRACEPARENT: m.traceparent}
+                 env.H_BORN: "1700000000000000", env.H_FWD: "node-a", env.H_TRACEPARENT: m.traceparent,
+                 env.H_SVC: "1500000"}
     back = env.CallMeta.from_headers(h)
     for f in env.CallMeta.__slots__:
         assert getattr(back, f) == (1234.568 if f == "deadline" else getattr(m, f)), f
@@ -51,6 +52,10 @@ def test_call_meta_leaves_defaults_out_and_restores_them() -> None:
     ({env.H_ID: "a", env.H_ATTEMPT: "x"}, "non-numeric"),
     ({env.H_ID: "a", env.H_STAGE: "x"}, "non-numeric"),
     ({env.H_ID: "a", env.H_BORN: "x"}, "non-numeric"),
+    ({env.H_ID: "a", env.H_SVC: "x"}, "non-numeric"),
+    ({env.H_ID: "a", env.H_SVC: "-1"}, "out of range"),
+    ({env.H_ID: "a", env.H_SVC: str(env.MAX_SVC + 1)}, "out of range"),
+    ({env.H_ID: "a", env.H_SVC: "0" * 30 + "1"}, "out of range"),
 ])
 def test_call_meta_rejects_bad_headers_with_a_reason(headers: dict[str, str] | None, why: str) -> None:
     with pytest.raises(E.MalformedMessage, match=why):

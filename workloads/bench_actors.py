@@ -16,16 +16,22 @@ class SyncEcho(nalar.Tool):
         return x
 
 
-async def raw_responder(url: str, subject: str) -> None:
-    """The reference: a bare nats-py responder that echoes each request."""
+async def raw_responder(url: str, subject: str, decode: bool = False) -> None:
+    """The references: a bare nats-py responder that echoes each request's bytes, or (``decode``) one
+    that does what real code does with a call, decode its JSON body and encode the answer (orjson)."""
     import nats
+    import orjson
 
     nc = await nats.connect(url)
 
     async def on(msg):  # type: ignore[no-untyped-def]
         await msg.respond(msg.data)
 
-    await nc.subscribe(subject, cb=on)
+    async def on_json(msg):  # type: ignore[no-untyped-def]
+        call = orjson.loads(msg.data)
+        await msg.respond(orjson.dumps({"v": call["a"][0]}))
+
+    await nc.subscribe(subject, cb=on_json if decode else on)
     await nc.flush()
     print("raw responder ready", flush=True)
     await asyncio.Event().wait()
@@ -69,4 +75,4 @@ class StateBench(nalar.Agent):
 
 
 if __name__ == "__main__":
-    asyncio.run(raw_responder(sys.argv[1], sys.argv[2]))
+    asyncio.run(raw_responder(sys.argv[1], sys.argv[2], sys.argv[3:] == ["json"]))

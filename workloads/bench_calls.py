@@ -1,7 +1,8 @@
 """``nalar bench calls``: nalar calls against raw nats-py request/reply, measured in the same run.
 
-Both sides talk to one nats-server started here; the raw responder and the nalar node are separate
-processes, the client is this process. For each of ``--repeat`` rounds (interleaved, so noise hits
+Both sides talk to one nats-server started here; the raw responders and the nalar node are separate
+processes, the client is this process. Two raw references: one echoes the request's bytes, one decodes
+a JSON call body and encodes the answer with orjson on both sides (what real code does: the fairer one). For each of ``--repeat`` rounds (interleaved, so noise hits
 both alike): sequential round trips (latency p50) and ``--inflight`` concurrent callers (throughput).
 Medians over rounds are reported; the last line is one JSON object.
 
@@ -58,6 +59,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     ns = "bench"
     children = [
         Child([sys.executable, "-m", "nalar.workloads.bench_actors", url, "bench.raw"], "raw responder ready"),
+        Child([sys.executable, "-m", "nalar.workloads.bench_actors", url, "bench.rawjson", "json"],
+              "raw responder ready"),
         node_process(url, ns, "nalar.workloads.demo:Echo", "nalar.workloads.bench_actors:SyncEcho"),
     ]
     gateway = None
@@ -74,6 +77,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         async def raw(i: int) -> Any:
             return (await nc.request("bench.raw", payload, timeout=30)).data
 
+        async def raw_json(i: int) -> Any:  # encode the call, decode the answer, as a real client does
+            body = orjson.dumps({"m": "echo", "a": ["hello"], "k": {}})
+            return orjson.loads((await nc.request("bench.rawjson", body, timeout=30)).data)["v"]
+
         client = await nalar.connect_async(url, ns)
         echo = client.stub("Echo", timeout=60)
         sync_echo = client.stub("SyncEcho", timeout=60)
@@ -84,7 +91,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         async def nal_sync(i: int) -> Any:
             return await sync_echo.echo("hello")
 
-        kinds: dict[str, Call] = {"raw": raw, "nalar": nal, "nalar_sync": nal_sync}
+        kinds: dict[str, Call] = {"raw": raw, "json": raw_json, "nalar": nal, "nalar_sync": nal_sync}
         http = None
         if gateway is not None:
             from .bench_http import HttpClient
@@ -127,12 +134,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
              "rps": median(rps[k])} for k in kinds}
     print(f"\nnalar bench calls: medians of {args.repeat} rounds; {args.calls} sequential calls per round, "
           f"{args.inflight} in flight for {args.seconds}s per round")
-    print(f"{'path':<34} {'p50 us':>9} {'p99 us':>9} {'seq/s':>9} {'rps@' + str(args.inflight):>10} {'vs raw':>7}")
-    names = {"raw": "raw nats-py request/reply", "nalar": "nalar call (async actor)",
-             "nalar_sync": "nalar call (sync pykka actor)", "http": "HTTP via nalar gateway (async actor)"}
+    print(f"{'path':<38} {'p50 us':>9} {'p99 us':>9} {'seq/s':>9} {'rps@' + str(args.inflight):>10} {'vs raw':>7} "
+          f"{'vs json':>8}")
+    names = {"raw": "raw nats-py request/reply (byte echo)", "json": "raw nats-py + orjson decode/encode",
+             "nalar": "nalar call (async actor)", "nalar_sync": "nalar call (sync pykka actor)",
+             "http": "HTTP via nalar gateway (async actor)"}
     for k in kinds:
-        print(f"{names[k]:<34} {m[k]['p50_us']:>9.0f} {m[k]['p99_us']:>9.0f} {m[k]['seq_rps']:>9,.0f} "
-              f"{m[k]['rps']:>10,.0f} {m[k]['rps'] / m['raw']['rps']:>7.2f}")
+        print(f"{names[k]:<38} {m[k]['p50_us']:>9.0f} {m[k]['p99_us']:>9.0f} {m[k]['seq_rps']:>9,.0f} "
+              f"{m[k]['rps']:>10,.0f} {m[k]['rps'] / m['raw']['rps']:>7.2f} {m[k]['rps'] / m['json']['rps']:>8.2f}")
     out: dict[str, Any] = {}
     if "http" in m:
         over = m["http"]["p50_us"] - m["nalar"]["p50_us"]
@@ -149,6 +158,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "p50_ratio": round(m["nalar"]["p50_us"] / m["raw"]["p50_us"], 3),
         "sync_rps": round(m["nalar_sync"]["rps"]), "sync_p50_us": round(m["nalar_sync"]["p50_us"], 1),
         "sync_ratio": round(m["nalar_sync"]["rps"] / m["raw"]["rps"], 3),
+        # the fairer reference: a responder that decodes and encodes JSON, as real code does
+        "json_rps": round(m["json"]["rps"]), "json_p50_us": round(m["json"]["p50_us"], 1),
+        "ratio_json": round(m["nalar"]["rps"] / m["json"]["rps"], 3),
+        "p50_ratio_json": round(m["nalar"]["p50_us"] / m["json"]["p50_us"], 3),
+        "sync_ratio_json": round(m["nalar_sync"]["rps"] / m["json"]["rps"], 3),
         "inflight": args.inflight, "repeat": args.repeat,
     }
 
