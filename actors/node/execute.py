@@ -282,6 +282,9 @@ class Executor(BatchRuns, Preemption):
                       "(another node committed its session first); nothing was committed")
             return
         assert self.queue is not None
+        if c.unit and self.state is not None:  # the winner went on committing during the pause
+            self.state.refresh(c, self.queue.enqueue)
+            return
         self.queue.enqueue(c)
 
     # -- answering ----------------------------------------------------------------------------------

@@ -357,6 +357,27 @@ class Sessions:
         self.counts["stale_reads"] += 1
         done(c, await self._lost_race(c), body)
 
+    def refresh(self, c: Call, then: Callable[[Call], None]) -> None:
+        """Catch ``c``'s copy up, then ``then(c)`` (unless it was answered meanwhile).
+
+        For a call that lost a race and paused before running again: the node that won went on
+        committing during the pause, so on the copy as it was after the lost race it would lose
+        again, and a hot session's loser lost every time until it failed with ``Conflict``."""
+        asyncio.get_running_loop().create_task(self._refresh(c, then))
+
+    async def _refresh(self, c: Call, then: Callable[[Call], None]) -> None:
+        try:
+            await self.sync.catch_up(c.unit)
+        except Exception as e:
+            self.known.discard(c.unit)
+            kind = Unavailable if isinstance(e, Unreachable) else StateError
+            err = self._failed(c, f"cannot catch up session state {K.split_unit(c.unit)}", e, kind)
+            if not c.done:
+                self.answer.fail(c, kind, getattr(err, "message", None) or str(err))
+            return
+        if not c.done:
+            then(c)
+
     async def _lost_race(self, c: Call) -> Any:
         """Another node committed first: catch up, then the call runs again (or its commit stands)."""
         self.counts["conflicts"] += 1
