@@ -229,7 +229,7 @@ class Actions:
         had started ``weight`` times that service later, at most ``bound`` seconds later (the
         anti-starvation bound). ``weight=None`` ends it."""
         for v, what in ((weight, "weight"), (bound, "bound")):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            if (v is not None or what == "bound") and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise ValueError(f"order(actor, weight, bound): {what} must be a number")
         if weight is not None and not 0 < weight <= 1e6:
             raise ValueError("order(actor, weight, bound): weight in (0, 1e6], or None to end it")

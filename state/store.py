@@ -228,9 +228,24 @@ class Store:
     def recent_futures(self, u: bytes, limit: int) -> list[tuple[str, int, bytes]]:
         """(future id, version, reply) of the unit's last ``limit`` versions known here, oldest first."""
         def scan(txn: Any) -> list[tuple[str, int, bytes]]:
-            fids = [e["f"] for _, e in _log_entries(txn, u) if isinstance(e.get("f"), str)]
+            # newest first from the end of the unit's window: the window may hold far more than
+            # ``limit`` versions (the dedup window), and this runs on the loop for every snapshot
+            fids: list[str] = []
+            pre = K.log_prefix(u)
+            cur = txn.cursor()
+            # the first key after the unit's window, then one back (or the store's last key)
+            ok = cur.prev() if cur.set_range(K.log(u, (1 << 64) - 1)) else cur.last()
+            while ok and len(fids) < limit:
+                k = cur.key()
+                if not k.startswith(pre):
+                    break
+                e = _json(cur.value(), "a log record")
+                if isinstance(e, dict) and isinstance(e.get("f"), str):
+                    fids.append(e["f"])
+                ok = cur.prev()
+            fids.reverse()
             out: list[tuple[str, int, bytes]] = []
-            for fid in fids[-limit:]:
+            for fid in fids:
                 f = txn.get(K.future(fid))
                 if f is not None:
                     m, body = decode_future(f)

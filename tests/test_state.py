@@ -123,6 +123,31 @@ def test_futures_are_kept_for_the_dedup_window_whatever_the_count(tmp_path):
         store.close()
 
 
+def test_the_dedup_window_is_bounded_whatever_the_records_times_say(tmp_path):
+    """A record stamped in the future (a node's clock ahead) must not keep every later version: the
+    window holds at most ``MAX_WINDOW_FACTOR`` x ``history`` versions; ``recent_futures`` reads only
+    the newest, however many the window holds."""
+    from nalar.state.committer import MAX_WINDOW_FACTOR
+
+    store = Store(str(tmp_path / "s"), history=2, dedup_window=1e6, sync=False)
+    committer = Committer(store)
+    u, other = K.unit("skew", "A"), K.unit("skew", "B")
+    now = time.time()
+    try:
+        assert _apply(committer, other, _one(1, 1, "o1", {"n": b"1"}))[0] == "ok"  # a unit after it in the store
+        for i in range(1, 201):
+            at = now + 3600 if i == 3 else now
+            assert _apply(committer, u, _one(i, i, f"f{i}", {"n": b"0"}, at=at))[0] == "ok"
+        cap = 2 * MAX_WINDOW_FACTOR
+        assert [e["version"] for e in store.log(u)] == list(range(201 - cap, 201))
+        assert store.find_future("f3") is None and store.find_future(f"f{201 - cap}") is not None
+        assert [f for f, _, _ in store.recent_futures(u, 3)] == ["f198", "f199", "f200"]
+        assert [f for f, _, _ in store.recent_futures(other, 5)] == ["o1"]
+    finally:
+        committer.stop()
+        store.close()
+
+
 def test_a_bad_dedup_window_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("NALAR_STATE_DEDUP_WINDOW", "soon")
     with pytest.raises(nalar.StateError, match="NALAR_STATE_DEDUP_WINDOW='soon': expected a number of seconds"):

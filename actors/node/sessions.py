@@ -375,7 +375,9 @@ class Sessions:
             if not c.done:
                 self.answer.fail(c, kind, getattr(err, "message", None) or str(err))
             return
-        if not c.done:
+        # still its unit's turn, not queued or running meanwhile (a migration's withdraw may have
+        # taken it and, failing to hand it over, admitted it again)
+        if not c.done and self.owner.get(c.unit) is c and c.inst is None and c.entry is None:
             then(c)
 
     async def _lost_race(self, c: Call) -> Any:
