@@ -7,10 +7,9 @@ appended to the log on the sequence the copy was at when it began; only once the
 the append is the caller answered. If another node committed first, the append is refused, the copy
 catches up, and the call runs again on the new version (or, if the other commit was this very future
 retried, is answered with that commit's reply). A call that changed nothing but read state is checked
-against the log the same way before it is answered, so no node answers from a stale copy.
-
-Any node can therefore serve any unit, a restarted node (with its disk or on an empty one) catches up
-instead of starting over, and where a session's calls go is a question of locality only.
+against the log the same way before it is answered, so no node answers from a stale copy. Any node
+can therefore serve any unit, a restarted node (with its disk or on an empty one) catches up instead
+of starting over, and where a session's calls go is a question of locality only.
 """
 from __future__ import annotations
 
@@ -39,11 +38,8 @@ Done = Callable[[Call, Any, bytes], None]
 
 
 class Sessions:
-    """This node's ``StateGate``: which units it has caught up, whose turn it is in each, commits.
-
-    It reaches the rest of the node only through its ports: ``queue`` (a call's turn came) and
-    ``answer`` (answered from the store, or failed).
-    """
+    """This node's ``StateGate``: which units it has caught up, whose turn it is in each, commits; it
+    reaches the node only through ``queue`` (a call's turn came) and ``answer`` (answered or failed)."""
 
     def __init__(self, name: str, rt: Runtime, store: Store, unit_log: UnitLog, queue: Queue,
                  answer: Answer) -> None:
@@ -210,16 +206,10 @@ class Sessions:
 
     # -- commit -----------------------------------------------------------------------------------
     def begin(self, c: Call) -> Txn | None:
-        """The transaction ``c``'s managed objects read and write through (on the copy as it is now);
-        ``None`` if the copy already holds ``c``'s own commit, so it must not run again.
-
-        Checked here, where the call's base is taken, and not only at admission: another attempt of
-        the same future (a retry sent to another node) may commit while this one waits its turn, and
-        the copy may take that commit (a catch-up after another call's lost race) before the turn
-        comes. The call would then run on a base that already has its effect, and its append would
-        not be fenced: the effect twice. Answered soon, with that commit's reply, not from inside the
-        scheduler's start.
-        """
+        """The transaction ``c`` runs in (on the copy as it is now); ``None`` if the copy already holds
+        ``c``'s own commit: another attempt committed elsewhere while it waited its turn, and the copy
+        took it in a catch-up. Run on that base its append would not be fenced (the effect twice), so
+        it is answered soon with that commit's reply (not from inside the scheduler's start)."""
         try:
             prior = self.store.find_future(c.id)
         except StateError as e:
@@ -232,12 +222,8 @@ class Sessions:
         return None
 
     def _answer_prior(self, c: Call, reply: bytes | None, error: str) -> None:
-        if c.done:
-            return
-        if reply is None:
-            self.answer.fail(c, StateError, error)
-        else:
-            self.answer.respond(c, True, reply)
+        if not c.done:
+            self.answer.fail(c, StateError, error) if reply is None else self.answer.respond(c, True, reply)
 
     def commit(self, c: Call, changes: list[tuple[Change, bytes]], body: bytes, done: Done) -> None:
         """Append ``c``'s changes to its unit's log, apply them here; then ``done(c, outcome, body)``.
@@ -358,37 +344,34 @@ class Sessions:
         done(c, await self._lost_race(c), body)
 
     def refresh(self, c: Call, then: Callable[[Call], None]) -> None:
-        """Catch ``c``'s copy up, then ``then(c)`` (unless it was answered meanwhile).
-
-        For a call that lost a race and paused before running again: the node that won went on
-        committing during the pause, so on the copy as it was after the lost race it would lose
-        again, and a hot session's loser lost every time until it failed with ``Conflict``."""
+        """Catch ``c``'s copy up, then ``then(c)``: a call that lost a race paused, and the winner went
+        on committing; on the copy of the lost race it would lose again (a hot session's, every time)."""
         asyncio.get_running_loop().create_task(self._refresh(c, then))
 
     async def _refresh(self, c: Call, then: Callable[[Call], None]) -> None:
+        err = await self._caught_up(c)
+        if err is not None and not c.done:
+            self.answer.fail(c, type(err), err.message)
+        # still its turn, neither queued nor running (a migration may have withdrawn and re-admitted it)
+        elif not c.done and self.owner.get(c.unit) is c and c.inst is None and c.entry is None:
+            then(c)
+
+    async def _caught_up(self, c: Call) -> StateError | Unavailable | None:
+        """Catch ``c``'s unit up; the error its caller gets if that fails."""
         try:
             await self.sync.catch_up(c.unit)
         except Exception as e:
             self.known.discard(c.unit)
             kind = Unavailable if isinstance(e, Unreachable) else StateError
-            err = self._failed(c, f"cannot catch up session state {K.split_unit(c.unit)}", e, kind)
-            if not c.done:
-                self.answer.fail(c, kind, getattr(err, "message", None) or str(err))
-            return
-        # still its unit's turn, not queued or running meanwhile (a migration's withdraw may have
-        # taken it and, failing to hand it over, admitted it again)
-        if not c.done and self.owner.get(c.unit) is c and c.inst is None and c.entry is None:
-            then(c)
+            return self._failed(c, f"cannot catch up session state {K.split_unit(c.unit)}", e, kind)
+        return None
 
     async def _lost_race(self, c: Call) -> Any:
         """Another node committed first: catch up, then the call runs again (or its commit stands)."""
         self.counts["conflicts"] += 1
-        try:
-            await self.sync.catch_up(c.unit)
-        except Exception as e:
-            self.known.discard(c.unit)
-            kind = Unavailable if isinstance(e, Unreachable) else StateError
-            return ("error", self._failed(c, f"cannot catch up session state {K.split_unit(c.unit)}", e, kind))
+        err = await self._caught_up(c)
+        if err is not None:
+            return ("error", err)
         prior = self.store.find_future(c.id)
         if prior is not None:  # this very future committed elsewhere (a retry): its answer stands
             self.counts["answered_from_log"] += 1
