@@ -141,9 +141,7 @@ def _compact(store: Store, txn: Any, u: bytes, v: int, at: float) -> None:
         for k, raw in cur:
             if len(doomed) >= COMPACT_STEP or not k.startswith(pre) or K.version_of(k) > upto:
                 break
-            if K.version_of(k) <= v - store.history * MAX_WINDOW_FACTOR:
-                doomed.append((bytes(k), _fid(raw)))  # whatever its time says: a clock ahead must not stop it
-                continue
+            ver = K.version_of(k)
             try:
                 e = orjson.loads(raw)
             except orjson.JSONDecodeError:
@@ -152,21 +150,15 @@ def _compact(store: Store, txn: Any, u: bytes, v: int, at: float) -> None:
                 log.warning("compacting a garbled log record of %s", K.split_unit(u))
                 e = {}
             t = e.get("t")
-            if isinstance(t, (int, float)) and not isinstance(t, bool) and t > cutoff:
-                break  # young enough that a retry of it may still come
+            young = isinstance(t, (int, float)) and not isinstance(t, bool) and t > cutoff
+            # a retry of it may still come; beyond the cap, whatever its time says (a clock ahead)
+            if young and ver > v - store.history * MAX_WINDOW_FACTOR:
+                break
             doomed.append((bytes(k), e.get("f")))
     for k, fid in doomed:
         txn.delete(k)
         if isinstance(fid, str):
             txn.delete(K.future(fid))
-
-
-def _fid(raw: bytes) -> Any:
-    try:
-        e = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    return e.get("f") if isinstance(e, dict) else None
 
 
 class Drop(Op):
